@@ -1,0 +1,149 @@
+"""Public oracle: the marginal log-likelihood of any decoder, to high accuracy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from sklearn.utils import check_array
+from sklearn.utils._param_validation import Interval, StrOptions, validate_params
+
+from sknlica._torch.integration import RULES, prior_rule
+from sknlica._torch.likelihood import CHUNK_ELEMENTS, log_marginal_chunked
+
+#: Nodes decoded at once, to bound the memory of the decoder's activations.
+DECODE_CHUNK = 8192
+
+
+def decode_nodes(
+    decoder: Callable, nodes: torch.Tensor, *, chunk: int = DECODE_CHUNK
+) -> torch.Tensor:
+    """Apply ``decoder`` to ``nodes`` in chunks; accept torch or numpy outputs."""
+    outputs = []
+    for start in range(0, nodes.shape[0], chunk):
+        out = decoder(nodes[start : start + chunk])
+        if not isinstance(out, torch.Tensor):
+            out = torch.as_tensor(np.asarray(out))
+        outputs.append(out.to(dtype=nodes.dtype, device=nodes.device))
+    return torch.cat(outputs)
+
+
+def _infer_n_components(decoder: Callable) -> int | None:
+    n_components = getattr(decoder, "n_components", None)
+    if n_components is not None:
+        return int(n_components)
+    if isinstance(decoder, torch.nn.Module):
+        for module in decoder.modules():
+            if isinstance(module, torch.nn.Linear):
+                return module.in_features
+    return None
+
+
+@validate_params(
+    {
+        "X": ["array-like"],
+        "decoder": [callable],
+        "noise_variance": [Interval(Real, 0, None, closed="neither")],
+        "n_components": [Interval(Integral, 1, None, closed="left"), None],
+        "integration": [StrOptions(set(RULES))],
+        "n_nodes": [Interval(Integral, 1, None, closed="left")],
+        "random_state": ["random_state"],
+    },
+    prefer_skip_nested_validation=True,
+)
+def marginal_log_likelihood(
+    X,
+    decoder: Callable,
+    noise_variance: float,
+    *,
+    n_components: int | None = None,
+    integration: str = "qmc",
+    n_nodes: int = 2**16,
+    random_state=0,
+) -> np.ndarray:
+    """Per-row ``log p(x)`` for ``z ~ N(0, I)``, ``x | z ~ N(decoder(z), s2 I)``.
+
+    Computed in log space, ``log p(x_i) = logsumexp_j [log w_j + log
+    phi(x_i; decoder(z_j), s2 I)]``, with one node set shared by all rows (so
+    the result for a row does not depend on which other rows are passed) and
+    bounded memory whatever the number of rows.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+        Observations.
+    decoder : callable
+        Maps a ``(K, n_components)`` float tensor of latents to a ``(K,
+        n_features)`` tensor (or array) of means: a ``torch.nn.Module``, a
+        fitted estimator's ``decoder_``, or the ``mixing`` returned by
+        :func:`sknlica.datasets.make_nonlinear_ica` with ``return_mixing=True``.
+    noise_variance : float
+        The observation noise variance ``sigma^2``.
+    n_components : int, default=None
+        Latent dimension; inferred from ``decoder.n_components`` or the first
+        ``nn.Linear`` layer when omitted.
+    integration : {"qmc", "monte_carlo", "grid", "gauss_hermite"}, default="qmc"
+        Integration rule over the prior.
+    n_nodes : int, default=65536
+        Total number of nodes (grid rules use ``round(n_nodes**(1/m))`` per
+        axis).
+    random_state : int, RandomState instance or None, default=0
+        Seeds the randomised rules.  The default makes the result deterministic.
+
+    Returns
+    -------
+    log_likelihood : ndarray of shape (n_samples,)
+        Estimated ``log p(x_i)`` in nats, float64.
+
+    Notes
+    -----
+    Randomised rules estimate ``p(x)`` without bias, so ``log p(x)`` is biased
+    low by about half the relative variance of the estimate (Jensen); with the
+    default 65,536 scrambled Sobol nodes this is well below 0.01 nats per row
+    at ``sigma^2 = 1`` on the report's generator.
+
+    Examples
+    --------
+    >>> from sknlica import marginal_log_likelihood
+    >>> from sknlica.datasets import make_nonlinear_ica
+    >>> X, Z, mixing = make_nonlinear_ica(200, 2, 5, random_state=0, return_mixing=True)
+    >>> ll = marginal_log_likelihood(X, mixing, mixing.noise_variance)
+    >>> ll.shape
+    (200,)
+    """
+    X = check_array(X, dtype=np.float64)
+    if n_components is None:
+        n_components = _infer_n_components(decoder)
+        if n_components is None:
+            raise ValueError(
+                "Could not infer the latent dimension of `decoder` (it has no "
+                "`n_components` attribute and no nn.Linear layer). Pass "
+                "n_components=m explicitly."
+            )
+    seed = int(np.random.default_rng(_seed_of(random_state)).integers(2**31 - 1))
+    nodes, log_weights = prior_rule(
+        integration,
+        n_components,
+        n_nodes,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    x = torch.tensor(X, dtype=torch.float64)
+    with torch.no_grad():
+        g = decode_nodes(decoder, nodes)
+        if g.ndim != 2 or g.shape != (nodes.shape[0], X.shape[1]):
+            raise ValueError(
+                f"decoder should map ({nodes.shape[0]}, {n_components}) latents "
+                f"to ({nodes.shape[0]}, {X.shape[1]}) means to match X, got shape "
+                f"{tuple(g.shape)}."
+            )
+        s2 = torch.tensor(float(noise_variance), dtype=torch.float64)
+        out = log_marginal_chunked(x, g, log_weights, s2, max_elements=CHUNK_ELEMENTS)
+    return out.numpy()
+
+
+def _seed_of(random_state) -> int:
+    if random_state is None or isinstance(random_state, (int, np.integer)):
+        return random_state
+    return int(random_state.randint(2**31 - 1))

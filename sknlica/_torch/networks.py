@@ -1,0 +1,136 @@
+"""Multilayer perceptrons used as decoders g(z) and Gaussian encoders q(z | x)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "identity": nn.Identity,
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "leaky_relu": nn.LeakyReLU,
+    "gelu": nn.GELU,
+}
+
+
+def make_mlp(
+    n_inputs: int,
+    hidden_layer_sizes: Sequence[int],
+    n_outputs: int,
+    *,
+    activation: str = "relu",
+    output_activation: str = "identity",
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> nn.Sequential:
+    """Build ``Linear -> act -> ... -> Linear -> output_act``.
+
+    Weights are drawn from ``generator`` (PyTorch's default Kaiming-uniform
+    scheme) so that a seeded estimator never touches the global RNG.
+    """
+    sizes = [n_inputs, *hidden_layer_sizes, n_outputs]
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        linear = nn.Linear(fan_in, fan_out, dtype=dtype, device=device)
+        _reset_linear(linear, generator)
+        layers.append(linear)
+        is_last = i == len(sizes) - 2
+        layers.append(ACTIVATIONS[output_activation if is_last else activation]())
+    return nn.Sequential(*layers)
+
+
+@torch.no_grad()
+def _reset_linear(linear: nn.Linear, generator: torch.Generator | None) -> None:
+    # Same bounds as nn.Linear.reset_parameters (kaiming_uniform with a=sqrt(5)),
+    # drawn from our own generator.
+    bound = 1.0 / linear.in_features**0.5 if linear.in_features > 0 else 0.0
+    for param in (linear.weight, linear.bias):
+        noise = torch.rand(
+            param.shape, generator=generator, dtype=param.dtype, device="cpu"
+        )
+        param.copy_((2 * noise - 1).mul_(bound).to(param.device))
+
+
+class GaussianHead(nn.Module):
+    """An MLP trunk with two linear heads: a mean and a log-variance.
+
+    Used as the VAE encoder q(z | x) = N(mu(x), diag exp(log_var(x))).
+    """
+
+    def __init__(
+        self,
+        n_inputs: int,
+        hidden_layer_sizes: Sequence[int],
+        n_outputs: int,
+        *,
+        activation: str = "relu",
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str = "cpu",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        last = hidden_layer_sizes[-1] if hidden_layer_sizes else n_inputs
+        self.trunk = (
+            make_mlp(
+                n_inputs,
+                hidden_layer_sizes[:-1],
+                last,
+                activation=activation,
+                output_activation=activation,
+                dtype=dtype,
+                device=device,
+                generator=generator,
+            )
+            if hidden_layer_sizes
+            else nn.Identity()
+        )
+        self.mean = nn.Linear(last, n_outputs, dtype=dtype, device=device)
+        self.log_var = nn.Linear(last, n_outputs, dtype=dtype, device=device)
+        _reset_linear(self.mean, generator)
+        _reset_linear(self.log_var, generator)
+        with torch.no_grad():
+            # Start close to the prior's unit variance: small log-variances.
+            self.log_var.weight.mul_(0.1)
+            self.log_var.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.trunk(x)
+        return self.mean(h), self.log_var(h)
+
+
+class NoiseVariance(nn.Module):
+    """The observation noise variance sigma^2, learned on the log scale or fixed.
+
+    Learned: ``sigma^2 = floor + exp(raw)`` so it stays above ``floor`` (which
+    keeps the likelihood bounded when the decoder interpolates a row exactly).
+    Fixed: a buffer holding ``sigma^2`` itself, no floor.
+    """
+
+    def __init__(
+        self,
+        initial: float,
+        *,
+        learn: bool,
+        floor: float,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        self.learn = learn
+        self.floor = float(floor) if learn else 0.0
+        value = torch.tensor(float(initial), dtype=dtype, device=device)
+        if learn:
+            excess = max(float(initial) - self.floor, self.floor)
+            self.raw = nn.Parameter(torch.log(value.new_tensor(excess)))
+        else:
+            self.register_buffer("raw", value)
+
+    def forward(self) -> torch.Tensor:
+        if self.learn:
+            return self.floor + torch.exp(self.raw)
+        return self.raw
