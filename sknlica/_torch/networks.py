@@ -36,12 +36,20 @@ def make_mlp(
     sizes = [n_inputs, *hidden_layer_sizes, n_outputs]
     layers: list[nn.Module] = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        linear = nn.Linear(fan_in, fan_out, dtype=dtype, device=device)
-        _reset_linear(linear, generator)
+        linear = _seeded_linear(fan_in, fan_out, dtype, device, generator)
         layers.append(linear)
         is_last = i == len(sizes) - 2
         layers.append(ACTIVATIONS[output_activation if is_last else activation]())
     return nn.Sequential(*layers)
+
+
+def _seeded_linear(fan_in, fan_out, dtype, device, generator) -> nn.Linear:
+    # skip_init: nn.Linear's own initialisation would draw from the global RNG.
+    linear = torch.nn.utils.skip_init(
+        nn.Linear, fan_in, fan_out, dtype=dtype, device=device
+    )
+    _reset_linear(linear, generator)
+    return linear
 
 
 @torch.no_grad()
@@ -89,10 +97,8 @@ class GaussianHead(nn.Module):
             if hidden_layer_sizes
             else nn.Identity()
         )
-        self.mean = nn.Linear(last, n_outputs, dtype=dtype, device=device)
-        self.log_var = nn.Linear(last, n_outputs, dtype=dtype, device=device)
-        _reset_linear(self.mean, generator)
-        _reset_linear(self.log_var, generator)
+        self.mean = _seeded_linear(last, n_outputs, dtype, device, generator)
+        self.log_var = _seeded_linear(last, n_outputs, dtype, device, generator)
         with torch.no_grad():
             # Start close to the prior's unit variance: small log-variances.
             self.log_var.weight.mul_(0.1)

@@ -1,0 +1,19 @@
+"""scikit-learn's estimator checks, with no expected failures."""
+
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from sknlica import NonlinearICAMLE
+
+# Small networks and node budgets keep each check's fit to a fraction of a second.
+SMALL = {"max_iter": 3, "n_nodes": 64, "n_eval_nodes": 256, "hidden_layer_sizes": (8,)}
+
+ESTIMATORS = [
+    NonlinearICAMLE(**SMALL),
+    NonlinearICAMLE(**SMALL, gradient="analytic", integration="gauss_hermite"),
+    NonlinearICAMLE(**SMALL, solver="sgd", early_stopping=False, integration="grid"),
+]
+
+
+@parametrize_with_checks(ESTIMATORS)
+def test_sklearn_compatible_estimator(estimator, check):
+    check(estimator)
