@@ -251,6 +251,7 @@ class BaseNonlinearICA(
         )
         try:
             for epoch in bar:
+                self._begin_epoch(model, epoch)
                 model.train()
                 order = torch.randperm(n_train, generator=generator).to(X_train.device)
                 losses = []
@@ -305,6 +306,9 @@ class BaseNonlinearICA(
             "failure": failure,
             "has_state": best_state is not None,
         }
+
+    def _begin_epoch(self, model, epoch: int) -> None:
+        """Called before each training epoch (0-based); e.g. for KL warm-up."""
 
     def _decay_patience(self) -> int:
         return max(1, self.n_iter_no_change // 2)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from numbers import Integral
+from numbers import Integral, Real
 
 import torch
 from sklearn.utils import check_random_state
@@ -10,7 +10,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 
 from sknlica._base import NOISE_VARIANCE_FLOOR, BaseNonlinearICA
 from sknlica._marginal import decode_nodes
-from sknlica._torch.integration import RULES, PriorNodeSampler, prior_rule
+from sknlica._torch.integration import RULES, PriorNodeSampler, auto_rule, prior_rule
 from sknlica._torch.likelihood import (
     GRADIENTS,
     log_joint_weights,
@@ -25,11 +25,6 @@ from sknlica._torch.posterior import mala
 #: evaluated on the same nodes (subset invariance).
 EVALUATION_SEED = 0
 
-#: Rule ``integration="auto"`` resolves to.  Chosen from the measurements in
-#: ``benchmarks/bench_integration_rules.py`` (see the user guide): on the
-#: report's generators randomised QMC has the smallest log p(x) error per node
-#: for every activation and latent dimension measured.
-AUTO_RULE = "qmc"
 
 #: The per-epoch validation score uses this many times ``n_nodes`` fixed nodes.
 VALIDATION_NODE_FACTOR = 4
@@ -83,16 +78,24 @@ class NonlinearICAMLE(BaseNonlinearICA):
         ``"grid"`` is the report's uniform grid on ``[-2.5, 2.5]^m`` *with the
         prior density in the weights* (the report's formula omitted it);
         ``"gauss_hermite"`` is the tensor-product Gauss-Hermite rule.
-        ``"auto"`` uses ``"qmc"``, the most accurate rule per node in our
-        measurements.
+        ``"auto"`` chooses from measurements of each rule's error in log p(x)
+        (``benchmarks/bench_integration_rules.py``): ``"grid"`` for
+        ``n_components <= 2``, where it is 10 to 100 times more accurate per
+        node than QMC on the report's generators, else ``"qmc"``.
     n_nodes : int, default=1024
         Total number of training nodes; grid rules use ``round(n_nodes **
         (1/m))`` per axis.
     n_eval_nodes : int, default=16384
-        Nodes of the scrambled Sobol rule (fixed seed) used by
-        ``score_samples``, ``transform`` and ``sample_posterior``; more
-        accurate than training.  The per-epoch validation score uses a fixed
-        set of ``min(4 * n_nodes, n_eval_nodes)`` such nodes.
+        Nodes of the evaluation rule used by ``score_samples``, ``transform``
+        and ``sample_posterior``: the ``"auto"`` rule (grid for ``m <= 2``,
+        else scrambled Sobol points with a fixed seed) whatever was used for
+        training, so the same nodes serve every row.  The per-epoch
+        validation score uses ``min(4 * n_nodes, n_eval_nodes)`` such nodes.
+    grid_half_width : float, default=None
+        Half-width ``l`` of the ``"grid"`` rule's box ``[-l, l]^m``.  ``None``
+        scales it with the nodes per axis ``k`` as ``0.6 * sqrt(k)`` (the best
+        measured trade-off between truncating the prior's tails and grid
+        spacing); ``2.5`` is the report's grid.
     gradient : {"autograd", "analytic"}, default="autograd"
         ``"autograd"`` backpropagates through the logsumexp; ``"analytic"``
         uses the report's section 3.1 formulas with normalised posterior
@@ -187,6 +190,7 @@ class NonlinearICAMLE(BaseNonlinearICA):
         "n_nodes": [Interval(Integral, 1, None, closed="left")],
         "n_eval_nodes": [Interval(Integral, 1, None, closed="left")],
         "gradient": [StrOptions(set(GRADIENTS))],
+        "grid_half_width": [Interval(Real, 0, None, closed="neither"), None],
     }
 
     def __init__(
@@ -199,6 +203,7 @@ class NonlinearICAMLE(BaseNonlinearICA):
         integration="auto",
         n_nodes=1024,
         n_eval_nodes=16384,
+        grid_half_width=None,
         gradient="autograd",
         noise_variance=1.0,
         learn_noise_variance=True,
@@ -224,6 +229,7 @@ class NonlinearICAMLE(BaseNonlinearICA):
         self.integration = integration
         self.n_nodes = n_nodes
         self.n_eval_nodes = n_eval_nodes
+        self.grid_half_width = grid_half_width
         self.gradient = gradient
         self.noise_variance = noise_variance
         self.learn_noise_variance = learn_noise_variance
@@ -243,10 +249,6 @@ class NonlinearICAMLE(BaseNonlinearICA):
         self.random_state = random_state
 
     # ------------------------------------------------------------- training
-    @property
-    def _training_rule(self) -> str:
-        return AUTO_RULE if self.integration == "auto" else self.integration
-
     def _build_model(self, n_features, *, scale, dtype, device, generator):
         decoder = make_mlp(
             self.n_components,
@@ -269,12 +271,13 @@ class NonlinearICAMLE(BaseNonlinearICA):
 
     def _node_sampler(self, generator, dtype, device):
         return PriorNodeSampler(
-            self._training_rule,
+            self.integration,
             self.n_components,
             self.n_nodes,
             generator=generator,
             dtype=dtype,
             device=device,
+            half_width=self.grid_half_width,
         )
 
     def _model_from_fitted(self, *, dtype, device, generator):
@@ -305,8 +308,10 @@ class NonlinearICAMLE(BaseNonlinearICA):
 
     # ------------------------------------------------------------ inference
     def _evaluation_rule(self, dtype, device, n_nodes=None):
+        # The most accurate rule per node, whatever trained the model; a
+        # fixed seed makes randomised rules deterministic.
         return prior_rule(
-            "qmc",
+            auto_rule(self.n_components),
             self.n_components,
             n_nodes or self.n_eval_nodes,
             generator=torch.Generator().manual_seed(EVALUATION_SEED),
@@ -328,9 +333,9 @@ class NonlinearICAMLE(BaseNonlinearICA):
     def score_samples(self, X):
         """Log-likelihood ``log p(x)`` of each row under the fitted model.
 
-        Evaluated with ``n_eval_nodes`` scrambled Sobol nodes of a fixed seed,
-        the same for every row: deterministic, and a row's value does not
-        depend on the other rows passed.
+        Evaluated with the ``n_eval_nodes``-node evaluation rule (see
+        ``n_eval_nodes``), the same nodes for every row: deterministic, and a
+        row's value does not depend on the other rows passed.
 
         Parameters
         ----------

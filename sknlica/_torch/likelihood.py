@@ -161,14 +161,11 @@ def log_marginal_chunked(
     depend on the chunking.
     """
     step = chunk_rows(g.shape[0], max_elements)
-    return torch.cat(
-        [
-            log_marginal_autograd(
-                x[start : start + step], g, log_weights, noise_variance
-            )
-            for start in range(0, x.shape[0], step)
-        ]
-    )
+    chunks = [
+        log_marginal_autograd(x[start : start + step], g, log_weights, noise_variance)
+        for start in range(0, x.shape[0], step)
+    ]
+    return torch.cat(chunks) if chunks else x.new_zeros(0)
 
 
 @torch.no_grad()
@@ -189,4 +186,4 @@ def posterior_mean_chunked(
             x[start : start + step], g, log_weights, noise_variance
         )
         out.append(torch.softmax(log_joint, dim=1) @ nodes)
-    return torch.cat(out)
+    return torch.cat(out) if out else x.new_zeros((0, nodes.shape[1]))

@@ -1,0 +1,125 @@
+"""Accuracy of each integration rule for log p(x), against dense quadrature.
+
+For the report's generator (W ~ U[0, 3), b ~ U[0, 1), sigma^2 = 1, n = 20) and
+every activation, evaluate the TRUE model's log p(x) on held-out rows with
+each rule at several node budgets, and report the mean absolute error per row
+against a dense reference: a midpoint rule with the prior density on
+[-8, 8]^m (1,000,000 nodes for m = 2; 20,000 for m = 1), whose own error is
+checked against a coarser reference.  This is what picks ``integration="auto"``.
+
+Run: ``python benchmarks/bench_integration_rules.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from _common import write_results
+
+from sknlica._torch.integration import RULES, grid_rule, prior_rule
+from sknlica._torch.likelihood import log_marginal_chunked
+from sknlica.datasets import make_nonlinear_ica
+
+ACTIVATIONS = ("relu", "sigmoid", "tanh", "leaky_relu", "gelu")
+REFERENCE_HALF_WIDTH = 8.0
+
+
+def log_p(X, mixing, nodes, log_weights):
+    s2 = torch.tensor(mixing.noise_variance, dtype=torch.float64)
+    g = mixing(nodes)
+    return log_marginal_chunked(torch.tensor(X), g, log_weights, s2).numpy()
+
+
+def reference(X, mixing, per_axis):
+    m = mixing.n_components
+    nodes, log_weights = grid_rule(m, per_axis**m, half_width=REFERENCE_HALF_WIDTH)
+    return log_p(X, mixing, nodes, log_weights)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rows/budgets")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    n_rows = 100 if args.quick else 500
+    budgets = (256, 1024, 4096) if args.quick else (64, 256, 1024, 4096, 16384)
+    dims = (2,) if args.quick else (1, 2)
+    reference_per_axis = {1: 20000, 2: 1000}
+    seeds = (0, 1, 2)
+    rows = []
+    for m in dims:
+        for activation in ACTIVATIONS:
+            X, _, mixing = make_nonlinear_ica(
+                n_rows,
+                m,
+                20,
+                activation=activation,
+                random_state=0,
+                return_mixing=True,
+            )
+            ref = reference(X, mixing, reference_per_axis[m])
+            coarse = reference(X, mixing, reference_per_axis[m] // 2)
+            ref_error = float(np.mean(np.abs(ref - coarse)))
+            for rule in RULES:
+                for budget in budgets:
+                    randomised = rule in ("monte_carlo", "qmc")
+                    errors, seconds = [], []
+                    for seed in seeds if randomised else seeds[:1]:
+                        generator = torch.Generator().manual_seed(seed)
+                        nodes, log_weights = prior_rule(
+                            rule, m, budget, generator=generator
+                        )
+                        start = time.perf_counter()
+                        estimate = log_p(X, mixing, nodes, log_weights)
+                        seconds.append(time.perf_counter() - start)
+                        errors.append(np.mean(np.abs(estimate - ref)))
+                    rows.append(
+                        {
+                            "m": m,
+                            "activation": activation,
+                            "rule": rule,
+                            "n_nodes": int(nodes.shape[0]),
+                            "mean_abs_error": float(np.mean(errors)),
+                            "reference_self_error": ref_error,
+                            "ms_per_1000_rows": 1000 * np.mean(seconds) * 1000 / n_rows,
+                        }
+                    )
+                    print(rows[-1], flush=True)
+    md = ["# Integration rules: mean |error| of log p(x) per row (nats)", ""]
+    md.append(
+        f"True model of `make_nonlinear_ica` (n=20, sigma^2=1), {n_rows} rows; "
+        "randomised rules averaged over 3 seeds; reference: prior-weighted "
+        f"midpoint grid on [-{REFERENCE_HALF_WIDTH:g}, {REFERENCE_HALF_WIDTH:g}]^m."
+    )
+    for m in dims:
+        for activation in ACTIVATIONS:
+            subset = [r for r in rows if r["m"] == m and r["activation"] == activation]
+            md += [
+                "",
+                f"## m={m}, {activation} (reference self-error "
+                f"{subset[0]['reference_self_error']:.1e})",
+                "",
+            ]
+            md.append(_rule_table(subset))
+
+    write_results("integration_rules", {"rows": rows}, "\n".join(md))
+
+
+def _rule_table(subset):
+    budgets = sorted({r["n_nodes"] for r in subset if r["rule"] == "qmc"})
+    lines = ["| rule | " + " | ".join(f"{b} nodes" for b in budgets) + " |"]
+    lines.append("|" + "---|" * (len(budgets) + 1))
+    for rule in RULES:
+        rule_rows = sorted(
+            (r for r in subset if r["rule"] == rule), key=lambda r: r["n_nodes"]
+        )
+        cells = [f"{r['mean_abs_error']:.3g} ({r['n_nodes']})" for r in rule_rows]
+        lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
