@@ -21,9 +21,16 @@ def decode_nodes(
     decoder: Callable, nodes: torch.Tensor, *, chunk: int = DECODE_CHUNK
 ) -> torch.Tensor:
     """Apply ``decoder`` to ``nodes`` in chunks; accept torch or numpy outputs."""
+    # A module runs in its own dtype (a float32 fit's decoder_ takes float32).
+    param = (
+        next(decoder.parameters(), None)
+        if isinstance(decoder, torch.nn.Module)
+        else None
+    )
+    inputs = nodes if param is None else nodes.to(dtype=param.dtype)
     outputs = []
     for start in range(0, nodes.shape[0], chunk):
-        out = decoder(nodes[start : start + chunk])
+        out = decoder(inputs[start : start + chunk])
         if not isinstance(out, torch.Tensor):
             out = torch.as_tensor(np.asarray(out))
         outputs.append(out.to(dtype=nodes.dtype, device=nodes.device))

@@ -1,0 +1,97 @@
+"""The public oracle sknlica.marginal_log_likelihood."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import multivariate_normal
+from sklearn.utils._param_validation import InvalidParameterError
+
+from sknlica import marginal_log_likelihood
+from sknlica._torch.integration import grid_rule
+from sknlica._torch.likelihood import log_marginal_chunked
+from sknlica.datasets import make_nonlinear_ica
+
+#: Measured default accuracy on the report's relu generator (m=2, n=20,
+#: sigma^2=1): ~1.5e-4 nats per row; smooth activations far below.
+DEFAULT_ACCURACY = 2e-3
+
+
+def _dense_reference(X, mixing, per_axis=600):
+    nodes, log_weights = grid_rule(2, per_axis**2, half_width=8.0)
+    s2 = torch.tensor(mixing.noise_variance, dtype=torch.float64)
+    return log_marginal_chunked(torch.tensor(X), mixing(nodes), log_weights, s2).numpy()
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "gelu"])
+def test_default_rule_matches_dense_quadrature(activation):
+    X, _, mixing = make_nonlinear_ica(
+        60, 2, 20, activation=activation, random_state=3, return_mixing=True
+    )
+    estimate = marginal_log_likelihood(X, mixing, mixing.noise_variance)
+    reference = _dense_reference(X, mixing)
+    assert np.mean(np.abs(estimate - reference)) < DEFAULT_ACCURACY
+
+
+def test_linear_decoder_matches_the_gaussian_marginal():
+    rng = np.random.default_rng(0)
+    A, b = rng.normal(size=(5, 2)), rng.normal(size=5)
+    decoder = torch.nn.Linear(2, 5, dtype=torch.float64)
+    with torch.no_grad():
+        decoder.weight.copy_(torch.tensor(A))
+        decoder.bias.copy_(torch.tensor(b))
+    X = rng.normal(size=(50, 5)) + b
+    expected = multivariate_normal(b, A @ A.T + 0.8 * np.eye(5)).logpdf(X)
+    for integration in ("auto", "gauss_hermite"):
+        got = marginal_log_likelihood(X, decoder, 0.8, integration=integration)
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_numpy_callables_and_float32_modules_are_accepted():
+    X, _, mixing = make_nonlinear_ica(40, 2, 6, random_state=0, return_mixing=True)
+    reference = marginal_log_likelihood(X, mixing, 1.0)
+    numpy_decoder = lambda Z: mixing(np.asarray(Z))  # noqa: E731
+    np.testing.assert_allclose(
+        marginal_log_likelihood(X, numpy_decoder, 1.0, n_components=2), reference
+    )
+    module32 = mixing.to_torch_module(dtype=torch.float32)
+    np.testing.assert_allclose(
+        marginal_log_likelihood(X, module32, 1.0), reference, atol=1e-3
+    )
+
+
+def test_deterministic_and_subset_invariant():
+    X, _, mixing = make_nonlinear_ica(80, 2, 10, random_state=0, return_mixing=True)
+    for integration in ("auto", "qmc", "monte_carlo"):
+        full = marginal_log_likelihood(X, mixing, 1.0, integration=integration)
+        np.testing.assert_array_equal(
+            full, marginal_log_likelihood(X, mixing, 1.0, integration=integration)
+        )
+        part = marginal_log_likelihood(X[10:30], mixing, 1.0, integration=integration)
+        np.testing.assert_allclose(part, full[10:30], rtol=1e-12)
+    other_seed = marginal_log_likelihood(
+        X, mixing, 1.0, integration="qmc", random_state=1
+    )
+    assert not np.array_equal(other_seed, full)
+
+
+def test_underflow_free_at_one_thousand_features():
+    X, _, mixing = make_nonlinear_ica(5, 2, 1000, random_state=0, return_mixing=True)
+    ll = marginal_log_likelihood(X, mixing, 1.0, n_nodes=4096)
+    # log p(x) ~ -1400 per row: exp() of it is exactly 0.0 in float64.
+    assert np.all(np.isfinite(ll)) and np.all(ll < -745)
+
+
+def test_errors_name_what_was_expected():
+    X, _, mixing = make_nonlinear_ica(10, 2, 4, random_state=0, return_mixing=True)
+    with pytest.raises(ValueError, match="Pass n_components=m explicitly"):
+        marginal_log_likelihood(X, lambda Z: Z, 1.0)
+    with pytest.raises(ValueError, match=r"to match X, got shape \(\d+, 3\)"):
+        marginal_log_likelihood(
+            X, lambda Z: torch.zeros(len(Z), 3), 1.0, n_components=2
+        )
+    with pytest.raises(InvalidParameterError, match="'noise_variance' parameter"):
+        marginal_log_likelihood(X, mixing, 0.0)
+    with pytest.raises(InvalidParameterError, match="'integration' parameter"):
+        marginal_log_likelihood(X, mixing, 1.0, integration="simpson")
+    with pytest.raises(ValueError, match="NaN"):
+        marginal_log_likelihood(np.full((3, 4), np.nan), mixing, 1.0)
