@@ -412,6 +412,13 @@ class BaseNonlinearICA(
         X = self._decode(Z) + math.sqrt(self.noise_variance_) * noise
         return (X, Z) if return_latent else X
 
+    @staticmethod
+    def _fitted_module(module: torch.nn.Module, dtype: torch.dtype):
+        """``module`` in ``dtype``, copied when needed: ``Module.to`` is in place."""
+        if next(module.parameters()).dtype == dtype:
+            return module
+        return copy.deepcopy(module).to(dtype=dtype)
+
     def _decode(self, Z: np.ndarray) -> np.ndarray:
         param = next(self.decoder_.parameters())
         with torch.no_grad():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from numbers import Integral, Real
 
 import torch
@@ -282,7 +283,10 @@ class NonlinearICAMLE(BaseNonlinearICA):
 
     def _model_from_fitted(self, *, dtype, device, generator):
         sampler = self._node_sampler(generator, dtype, device)
-        model = _MLEModel(self.decoder_, self.noise_, sampler)
+        # Train a copy: the fitted decoder_ stays intact if this fit fails.
+        model = _MLEModel(
+            copy.deepcopy(self.decoder_), copy.deepcopy(self.noise_), sampler
+        )
         return model.to(dtype=dtype, device=device)
 
     def _training_loss(self, model, batch, *, generator):
@@ -327,8 +331,7 @@ class NonlinearICAMLE(BaseNonlinearICA):
     def _fitted_tensors(self, X):
         x = self._to_tensor(X)
         noise = torch.tensor(self.noise_variance_, dtype=x.dtype)
-        decoder = self.decoder_.to(dtype=x.dtype)
-        return x, decoder, noise
+        return x, self._fitted_module(self.decoder_, x.dtype), noise
 
     def score_samples(self, X):
         """Log-likelihood ``log p(x)`` of each row under the fitted model.

@@ -86,7 +86,11 @@ def test_linear_decoder_matches_gaussian_closed_form():
     # posterior mean is A^T (A A^T + sigma^2 I)^{-1} (x - b): exact oracles.
     X = _linear_gaussian()
     model = NonlinearICAMLE(
-        hidden_layer_sizes=(), activation="identity", max_iter=30, random_state=0
+        hidden_layer_sizes=(),
+        activation="identity",
+        learning_rate_init=1e-2,
+        max_iter=10,
+        random_state=0,
     ).fit(X)
     A, b = _decoder_affine(model)
     cov = A @ A.T + model.noise_variance_ * np.eye(X.shape[1])
@@ -108,9 +112,13 @@ def test_linear_fit_reaches_the_gaussian_maximum_likelihood():
     # likelihood should come close to it.
     from sklearn.decomposition import PCA, FactorAnalysis
 
-    X = _linear_gaussian(n_samples=2000, n_features=6)
+    X = _linear_gaussian(n_samples=1000, n_features=6)
     model = NonlinearICAMLE(
-        hidden_layer_sizes=(), activation="identity", random_state=0
+        hidden_layer_sizes=(),
+        activation="identity",
+        learning_rate_init=1e-2,
+        max_iter=60,
+        random_state=0,
     ).fit(X)
     pca = PCA(n_components=2).fit(X)
     ppca_ll = pca.score(X)
@@ -122,11 +130,11 @@ def test_linear_fit_reaches_the_gaussian_maximum_likelihood():
 def test_score_samples_agrees_with_public_oracle(fitted_relu, relu_data):
     X_test = relu_data[1]
     oracle = marginal_log_likelihood(
-        X_test, fitted_relu.decoder_, fitted_relu.noise_variance_, n_nodes=2**18
+        X_test, fitted_relu.decoder_, fitted_relu.noise_variance_, n_nodes=2**16
     )
-    # A fitted model at sigma^2 ~ 1: 16,384 vs 262,144 Sobol nodes agree to
-    # QMC error (measured ~0.005 nats per row).
-    assert np.mean(np.abs(fitted_relu.score_samples(X_test) - oracle)) < 0.02
+    # A fitted model at sigma^2 ~ 1: the 16,384-node evaluation grid agrees
+    # with the 65,536-node oracle to ~1e-3 nats per row on relu decoders.
+    assert np.mean(np.abs(fitted_relu.score_samples(X_test) - oracle)) < 5e-3
 
 
 # ------------------------------------------------------------------- learning
@@ -266,10 +274,11 @@ def test_history_records_every_epoch(relu_data):
 
 
 def test_converges_and_stops_early():
-    X = _linear_gaussian(n_samples=600)
+    X = _linear_gaussian(n_samples=300)
     model = NonlinearICAMLE(
         hidden_layer_sizes=(),
         activation="identity",
+        learning_rate_init=3e-2,
         max_iter=500,
         n_iter_no_change=3,
         tol=1e-2,
@@ -495,3 +504,12 @@ def test_keyboard_interrupt_keeps_the_best_model(relu_data):
         model.fit(X)
     assert model.n_iter_ == 2 and not model.converged_
     assert np.all(np.isfinite(model.transform(X)))
+
+
+def test_inference_in_another_dtype_leaves_the_fitted_model_intact(relu_data):
+    X = relu_data[0][:300]
+    model = NonlinearICAMLE(**FAST, random_state=0).fit(X)
+    before = model.score_samples(X)
+    assert model.transform(X.astype(np.float32)).dtype == np.float32
+    assert next(model.decoder_.parameters()).dtype == torch.float64
+    np.testing.assert_array_equal(model.score_samples(X), before)
