@@ -95,8 +95,8 @@ def marginal_log_likelihood(
             default="auto"
         Integration rule over the prior.  ``"auto"`` is the most accurate per
         node in our measurements: the prior-weighted midpoint grid (half-width
-        ``0.6 * sqrt(k)`` for ``k`` nodes per axis) for ``n_components <= 2``,
-        scrambled Sobol points beyond.
+        ``0.6 * sqrt(k)`` for ``k`` nodes per axis) when ``k >= 16``, else
+        scrambled Sobol points.
     n_nodes : int, default=65536
         Total number of nodes (grid rules use ``round(n_nodes**(1/m))`` per
         axis).

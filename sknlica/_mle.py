@@ -11,7 +11,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 
 from sknlica._base import NOISE_VARIANCE_FLOOR, BaseNonlinearICA
 from sknlica._marginal import decode_nodes
-from sknlica._torch.integration import RULES, PriorNodeSampler, auto_rule, prior_rule
+from sknlica._torch.integration import RULES, PriorNodeSampler, prior_rule
 from sknlica._torch.likelihood import (
     GRADIENTS,
     log_joint_weights,
@@ -80,18 +80,20 @@ class NonlinearICAMLE(BaseNonlinearICA):
         prior density in the weights* (the report's formula omitted it);
         ``"gauss_hermite"`` is the tensor-product Gauss-Hermite rule.
         ``"auto"`` chooses from measurements of each rule's error in log p(x)
-        (``benchmarks/bench_integration_rules.py``): ``"grid"`` for
-        ``n_components <= 2``, where it is 10 to 100 times more accurate per
-        node than QMC on the report's generators, else ``"qmc"``.
+        (``benchmarks/bench_integration_rules.py``): ``"grid"`` when it gets
+        at least 16 nodes per axis (``m <= 2`` at the default budget), where
+        it is 10 to 100 times more accurate per node than QMC on the report's
+        generators, else ``"qmc"``.
     n_nodes : int, default=1024
         Total number of training nodes; grid rules use ``round(n_nodes **
         (1/m))`` per axis.
     n_eval_nodes : int, default=16384
         Nodes of the evaluation rule used by ``score_samples``, ``transform``
-        and ``sample_posterior``: the ``"auto"`` rule (grid for ``m <= 2``,
-        else scrambled Sobol points with a fixed seed) whatever was used for
-        training, so the same nodes serve every row.  The per-epoch
-        validation score uses ``min(4 * n_nodes, n_eval_nodes)`` such nodes.
+        and ``sample_posterior``: the ``"auto"`` rule (grid with at least 16
+        nodes per axis, else scrambled Sobol points with a fixed seed)
+        whatever was used for training, so the same nodes serve every row.
+        The per-epoch validation score uses ``min(4 * n_nodes,
+        n_eval_nodes)`` such nodes.
     grid_half_width : float, default=None
         Half-width ``l`` of the ``"grid"`` rule's box ``[-l, l]^m``.  ``None``
         scales it with the nodes per axis ``k`` as ``0.6 * sqrt(k)`` (the best
@@ -315,7 +317,7 @@ class NonlinearICAMLE(BaseNonlinearICA):
         # The most accurate rule per node, whatever trained the model; a
         # fixed seed makes randomised rules deterministic.
         return prior_rule(
-            auto_rule(self.n_components),
+            "auto",
             self.n_components,
             n_nodes or self.n_eval_nodes,
             generator=torch.Generator().manual_seed(EVALUATION_SEED),

@@ -91,7 +91,7 @@ def weighted_abs_moment(nodes: np.ndarray, log_weights: np.ndarray, power: int):
 
 def expected_n_nodes(name: str, n_components: int, n_nodes: int) -> int:
     if name == "auto":
-        name = integration.auto_rule(n_components)
+        name = integration.auto_rule(n_components, n_nodes)
     if name in ("grid", "gauss_hermite"):
         return integration.nodes_per_axis(n_nodes, n_components) ** n_components
     return n_nodes
@@ -440,9 +440,24 @@ def test_sampler_grid_honours_half_width():
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("m", "n_nodes", "expected"),
+    [
+        (1, 64, "grid"),
+        (2, 1024, "grid"),
+        (2, 64, "qmc"),  # 8 per axis: too coarse for the grid
+        (3, 1000, "qmc"),
+        (3, 4096, "grid"),
+        (5, 16384, "qmc"),
+    ],
+)
+def test_auto_rule_picks_the_grid_from_16_nodes_per_axis(m, n_nodes, expected):
+    assert integration.auto_rule(m, n_nodes) == expected
+
+
 @pytest.mark.parametrize("m", [1, 2, 3, 5])
 def test_auto_rule_resolves_to_a_registered_rule(m):
-    name = integration.auto_rule(m)
+    name = integration.auto_rule(m, 64)
     assert name in integration.RULES
     auto = integration.prior_rule(
         "auto", m, 64, generator=torch.Generator().manual_seed(1)

@@ -30,8 +30,12 @@ REPORT_GRID_HALF_WIDTH = 2.5
 #: 3.5 and 4.5-5 at k = 16, 32 and 64; this rule tracks it.
 GRID_WIDTH_FACTOR = 0.6
 
-#: Latent dimension up to which tensor grids beat randomised QMC per node.
-GRID_MAX_COMPONENTS = 2
+#: Nodes per axis from which the prior-weighted grid beats randomised QMC.
+#: Measured (benchmarks/bench_integration_rules.py, relu to gelu, m = 1-3):
+#: at 16+ per axis the grid is best or close to it (m=2, 256 nodes, relu: 0.047
+#: vs 0.14 nats; m=3, 4,096 nodes: 0.068 vs 0.15); at ~8-10 per axis the two
+#: are comparable or QMC wins (m=3, 1,000 nodes: 0.52 vs 0.36).
+GRID_MIN_PER_AXIS = 16
 
 Rule = tuple[torch.Tensor, torch.Tensor]
 
@@ -98,15 +102,17 @@ def default_half_width(per_axis: int) -> float:
     return GRID_WIDTH_FACTOR * math.sqrt(per_axis)
 
 
-def auto_rule(n_components: int) -> str:
+def auto_rule(n_components: int, n_nodes: int) -> str:
     """The rule ``"auto"`` resolves to: the most accurate per node we measured.
 
     Prior-weighted midpoint grids converge spectrally for smooth decoders and
     at second order across relu kinks, and beat scrambled Sobol points by 10
-    to 100x at equal node counts for m <= 2; beyond that, tensor grids get too
-    coarse per axis and randomised QMC wins.
+    to 100x at equal node counts once they have :data:`GRID_MIN_PER_AXIS`
+    nodes per axis; with fewer (large ``m`` or small budgets) randomised QMC
+    wins.
     """
-    return "grid" if n_components <= GRID_MAX_COMPONENTS else "qmc"
+    per_axis = nodes_per_axis(n_nodes, n_components)
+    return "grid" if per_axis >= GRID_MIN_PER_AXIS else "qmc"
 
 
 def grid_rule(
@@ -180,7 +186,7 @@ def prior_rule(
 ) -> Rule:
     """Nodes and log-weights of rule ``name`` (a key of :data:`RULES` or "auto")."""
     if name == "auto":
-        name = auto_rule(n_components)
+        name = auto_rule(n_components, n_nodes)
     nodes, log_weights = RULES[name](
         n_components, n_nodes, generator=generator, half_width=half_width
     )
@@ -211,7 +217,7 @@ class PriorNodeSampler:
         half_width: float | None = None,
     ) -> None:
         if name == "auto":
-            name = auto_rule(n_components)
+            name = auto_rule(n_components, n_nodes)
         self.name = name
         self.n_components = n_components
         self.n_nodes = n_nodes
