@@ -325,9 +325,13 @@ class NonlinearICAMLE(BaseNonlinearICA):
             device=device,
         )
 
-    def _log_marginal(self, x, decoder, noise_variance, n_nodes=None):
+    def _decoded_nodes(self, x, decoder, n_nodes=None):
+        """Evaluation nodes, their log-weights and ``g`` at them."""
         nodes, log_weights = self._evaluation_rule(x.dtype, x.device, n_nodes)
-        g = decode_nodes(decoder, nodes)
+        return nodes, log_weights, decode_nodes(decoder, nodes)
+
+    def _log_marginal(self, x, decoder, noise_variance, n_nodes=None):
+        _, log_weights, g = self._decoded_nodes(x, decoder, n_nodes)
         return log_marginal_chunked(x, g, log_weights, noise_variance)
 
     def _fitted_tensors(self, X):
@@ -373,8 +377,7 @@ class NonlinearICAMLE(BaseNonlinearICA):
         X = self._check_fitted_input(X)
         x, decoder, noise = self._fitted_tensors(X)
         with torch.no_grad():
-            nodes, log_weights = self._evaluation_rule(x.dtype, x.device)
-            g = decode_nodes(decoder, nodes)
+            nodes, log_weights, g = self._decoded_nodes(x, decoder)
             return posterior_mean_chunked(x, g, nodes, log_weights, noise).numpy()
 
     def sample_posterior(self, X, n_samples=100, *, n_steps=50, random_state=None):
@@ -413,8 +416,7 @@ class NonlinearICAMLE(BaseNonlinearICA):
         generator = self._seed(check_random_state(random_state))
         x, decoder, noise = self._fitted_tensors(X)
         with torch.no_grad():
-            nodes, log_weights = self._evaluation_rule(x.dtype, x.device)
-            g = decode_nodes(decoder, nodes)
+            nodes, log_weights, g = self._decoded_nodes(x, decoder)
             weights = torch.softmax(log_joint_weights(x, g, log_weights, noise), 1)
             picks = torch.multinomial(
                 weights, n_samples, replacement=True, generator=generator

@@ -78,6 +78,12 @@ def log_marginal_autograd(
     return torch.logsumexp(log_joint_weights(x, g, log_weights, noise_variance), 1)
 
 
+def _log_joint_from_distances(sq, log_weights, noise_variance, n_features):
+    """``log w_j + log phi_ij`` from the squared distances ``sq`` (``B x K``)."""
+    log_normaliser = n_features * torch.log(2 * math.pi * noise_variance)
+    return log_weights - 0.5 * (log_normaliser + sq / noise_variance)
+
+
 class _LogMarginalAnalytic(torch.autograd.Function):
     """Per-row ``log p(x_i)`` with the report's section 3.1 gradients.
 
@@ -95,14 +101,8 @@ class _LogMarginalAnalytic(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, g, log_weights, noise_variance):
         sq = squared_distances(x, g)
-        n_features = x.shape[1]
-        log_joint = (
-            -0.5
-            * (
-                n_features * torch.log(2 * math.pi * noise_variance)
-                + sq / noise_variance
-            )
-            + log_weights
+        log_joint = _log_joint_from_distances(
+            sq, log_weights, noise_variance, x.shape[1]
         )
         log_marginal = torch.logsumexp(log_joint, dim=1)
         ctx.save_for_backward(x, g, log_weights, noise_variance, sq, log_marginal)
@@ -113,13 +113,8 @@ class _LogMarginalAnalytic(torch.autograd.Function):
     def backward(ctx, grad_output):
         x, g, log_weights, noise_variance, sq, log_marginal = ctx.saved_tensors
         n_features = x.shape[1]
-        log_joint = (
-            -0.5
-            * (
-                n_features * torch.log(2 * math.pi * noise_variance)
-                + sq / noise_variance
-            )
-            + log_weights
+        log_joint = _log_joint_from_distances(
+            sq, log_weights, noise_variance, n_features
         )
         # Posterior weights scaled by the upstream gradient of each row.
         weighted = torch.exp(log_joint - log_marginal[:, None]) * grad_output[:, None]
