@@ -42,7 +42,9 @@ format: $(VENV)/.extras-test
 	$(PY) -m ruff check --fix .
 
 bench: $(VENV)/.extras-test
+	$(PY) benchmarks/bench_integration_rules.py
 	$(PY) benchmarks/bench_mle.py
+	$(PY) benchmarks/bench_vae.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

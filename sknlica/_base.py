@@ -409,8 +409,13 @@ class BaseNonlinearICA(
         rng = check_random_state(random_state)
         Z = rng.standard_normal((n_samples, self.n_components))
         noise = rng.standard_normal((n_samples, self.n_features_in_))
-        X = self._decode(Z) + math.sqrt(self.noise_variance_) * noise
+        mean, variance = self._sample_mean_and_variance(Z)
+        X = mean + np.sqrt(variance)[:, None] * noise
         return (X, Z) if return_latent else X
+
+    def _sample_mean_and_variance(self, Z: np.ndarray):
+        """Decoder mean and per-row observation-noise variance at latents ``Z``."""
+        return self._decode(Z), np.full(Z.shape[0], self.noise_variance_)
 
     @staticmethod
     def _fitted_module(module: torch.nn.Module, dtype: torch.dtype):
