@@ -11,7 +11,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_PIN := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test docs lint format bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ demo: $(VENV)/.extras-plot
 
 test: $(VENV)/.extras-test
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+# The gallery executes here (each example runs in under a minute).
+docs: $(VENV)/.extras-docs
+	SKNLICA_DOCS_EXECUTE=1 $(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
 
 lint: $(VENV)/.extras-test
 	$(PY) -m ruff check .

@@ -63,16 +63,16 @@ class NonlinearICAMLE(BaseNonlinearICA):
         Latent dimension ``m``.
     hidden_layer_sizes : tuple of int, default=(64,)
         Hidden layers of the decoder MLP; ``()`` gives ``g(z) = act(W z + b)``.
-    activation : {"relu", "tanh", "sigmoid", "leaky_relu", "gelu", "identity"}, \
-            default="relu"
+    activation : str, default="relu"
+        One of "relu", "tanh", "sigmoid", "leaky_relu", "gelu", "identity".
         Hidden-layer activation.
-    output_activation : {"identity", "relu", "tanh", "sigmoid", "leaky_relu", \
-            "gelu"}, default="identity"
+    output_activation : str, default="identity"
+        One of the ``activation`` names.
         Applied after the decoder's last linear layer.  With
         ``hidden_layer_sizes=()`` and ``output_activation="relu"`` the decoder
         family is exactly the report's data-generating process.
-    integration : {"auto", "qmc", "monte_carlo", "grid", "gauss_hermite"}, \
-            default="auto"
+    integration : str, default="auto"
+        One of "auto", "qmc", "monte_carlo", "grid", "gauss_hermite".
         Integration rule over the prior for training: ``"monte_carlo"`` draws
         fresh N(0, I) nodes every step; ``"qmc"`` uses scrambled Sobol points
         through the normal inverse CDF with a fresh random shift every step;
@@ -164,7 +164,7 @@ class NonlinearICAMLE(BaseNonlinearICA):
         ``noise_variance`` and ``seconds`` since the fit started.
     n_features_in_ : int
         Number of features seen during fit.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Names of features seen during fit, when ``X`` has string column names.
 
     See Also

@@ -155,11 +155,11 @@ class NonlinearICAVAE(BaseNonlinearICA):
         Latent dimension ``m``.
     hidden_layer_sizes : tuple of int, default=(64,)
         Hidden layers of the decoder MLP; ``()`` gives ``g(z) = act(W z + b)``.
-    activation : {"relu", "tanh", "sigmoid", "leaky_relu", "gelu", "identity"}, \
-            default="relu"
+    activation : str, default="relu"
+        One of "relu", "tanh", "sigmoid", "leaky_relu", "gelu", "identity".
         Hidden-layer activation of the decoder and of the encoder.
-    output_activation : {"identity", "relu", "tanh", "sigmoid", "leaky_relu", \
-            "gelu"}, default="identity"
+    output_activation : str, default="identity"
+        One of the ``activation`` names.
         Applied after the decoder's last linear layer.
     encoder_hidden_layer_sizes : tuple of int, default=None
         Hidden layers of the encoder; ``None`` mirrors the decoder
@@ -171,8 +171,8 @@ class NonlinearICAVAE(BaseNonlinearICA):
         Draws per row of the SGVB ELBO (``objective="elbo"``).
     n_importance_samples : int, default=8
         Draws per row of the IWAE bound (``objective="iwae"``).
-    gradient_estimator : {"reparameterization", "score_function"}, \
-            default="reparameterization"
+    gradient_estimator : str, default="reparameterization"
+        ``"reparameterization"`` or ``"score_function"``.
         Encoder gradient.  ``"score_function"`` is the log-derivative
         (REINFORCE) estimator of the notes, with a baseline: for the ELBO the
         leave-one-out mean of the other draws' ``log p(x | z)`` (or, with
@@ -266,7 +266,7 @@ class NonlinearICAVAE(BaseNonlinearICA):
         same draws); ``noise_variance``; ``seconds`` since the fit started.
     n_features_in_ : int
         Number of features seen during fit.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Names of features seen during fit, when ``X`` has string column names.
 
     See Also
