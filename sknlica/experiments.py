@@ -11,7 +11,9 @@ disparity and first canonical correlation against n at fixed m and against m
 at fixed n, over repeats.
 
 Writes ``study.md``, ``study.csv``, ``scaling.csv`` and, when matplotlib is
-installed, the figures, into ``--output`` (default ``sknlica_results``).
+installed, the figures (``reconstruction.png``, ``learning_curves.png``,
+``scaling.png``, ``latent_and_observed.png``) into ``--output`` (default
+``sknlica_results``).
 ``--quick`` runs a reduced study in under two minutes on two cores; the full
 run uses the report's sizes (10,000 training rows) and takes about 15-25
 minutes there.
@@ -76,8 +78,12 @@ def _recovery(A, B):
     return procrustes_disparity(A, B), float(canonical_correlations(A, B)[0])
 
 
-def study_row(name, activation, m, n, config: StudyConfig, seed: int) -> dict:
-    """Fit one estimator on one data set and measure everything the report did."""
+def study_row(name, activation, m, n, config: StudyConfig, seed: int):
+    """Fit one estimator on one data set and measure everything the report did.
+
+    Returns the row of measurements, the fitted model and the held-out data
+    with the true model's mean log-likelihood (for the figures).
+    """
     X, Z, mixing = make_nonlinear_ica(
         config.n_train + config.n_test,
         m,
@@ -101,7 +107,7 @@ def study_row(name, activation, m, n, config: StudyConfig, seed: int) -> dict:
     score = model.score(X_test)
     latent_disparity, latent_cc = _recovery(Z_test, Z_hat)
     recon_disparity, recon_cc = _recovery(X_test, X_hat)
-    return {
+    row = {
         "estimator": name,
         "activation": activation,
         "m": m,
@@ -118,40 +124,88 @@ def study_row(name, activation, m, n, config: StudyConfig, seed: int) -> dict:
         "fit_seconds": seconds,
         "epochs": model.n_iter_,
     }
+    return row, model, (X_test, true_ll)
 
 
 def scaling_rows(config: StudyConfig, seed: int, progress) -> list[dict]:
     """Latent recovery against n (fixed m) and against m (fixed n), repeated."""
-    settings = [("n", config.scaling_fixed_m, n) for n in config.scaling_n]
-    settings += [("m", m, config.scaling_fixed_n) for m in config.scaling_m]
+    from sknlica.plotting import compute_metric_scaling
+
+    def factory(cls):
+        def make(m, n):
+            return cls(n_components=m, max_iter=config.max_iter, random_state=seed)
+
+        return make
+
+    dims = [(config.scaling_fixed_m, n) for n in config.scaling_n]
+    dims += [(m, config.scaling_fixed_n) for m in config.scaling_m]
+    # The two sweeps meet at (fixed m, fixed n): fit it once, or its repeats
+    # would count twice and narrow the intervals.
+    dims = list(dict.fromkeys(dims))
     rows = []
-    for name, estimator_cls in ESTIMATORS.items():
-        for axis, m, n in settings:
-            for repeat in range(config.scaling_repeats):
-                X, Z = make_nonlinear_ica(
-                    config.scaling_train, m, n, random_state=seed + 1000 * repeat
-                )
-                model, _ = _fit(
-                    estimator_cls,
-                    X,
-                    max_iter=config.max_iter,
-                    random_state=seed + repeat,
-                    n_components=m,
-                )
-                disparity, first_cc = _recovery(Z, model.transform(X))
-                rows.append(
-                    {
-                        "estimator": name,
-                        "varying": axis,
-                        "m": m,
-                        "n": n,
-                        "repeat": repeat,
-                        "latent_disparity": disparity,
-                        "latent_first_cc": first_cc,
-                    }
-                )
-                progress.update()
+    for m, n in dims:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            rows += compute_metric_scaling(
+                {name: factory(cls) for name, cls in ESTIMATORS.items()},
+                [(m, n)],
+                n_repeats=config.scaling_repeats,
+                n_samples=config.scaling_train,
+                n_test=config.scaling_train // 2,
+                random_state=seed,
+            )
+        progress.update(len(ESTIMATORS) * config.scaling_repeats)
     return rows
+
+
+def save_figures(models: dict, data: dict, scaling: list[dict], config, output):
+    """The report's figures for this run; skipped without matplotlib."""
+    try:
+        from sknlica import plotting
+
+        plt = plotting._pyplot()
+    except ImportError:
+        return []
+    paths = []
+    activations = sorted({a for (_, a) in models}, key=ACTIVATIONS.index)
+    names = list(ESTIMATORS)
+    for kind in ("reconstruction", "learning_curves"):
+        fig, axes = plt.subplots(
+            len(names),
+            len(activations),
+            figsize=(3.2 * len(activations), 6),
+            squeeze=False,
+        )
+        for i, name in enumerate(names):
+            for j, activation in enumerate(activations):
+                model = models[name, activation]
+                X_test, true_ll = data[activation]
+                ax = axes[i, j]
+                if kind == "reconstruction":
+                    plotting.plot_reconstruction(X_test, model, ax=ax)
+                else:
+                    plotting.plot_learning_curve(model, reference=true_ll, ax=ax)
+                ax.set_title(f"{name}, {activation}")
+        fig.tight_layout()
+        paths.append(output / f"{kind}.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    plotting.plot_metric_scaling(
+        scaling, vary="n_features", fixed=config.scaling_fixed_m, axes=axes[0]
+    )
+    plotting.plot_metric_scaling(
+        scaling, vary="n_components", fixed=config.scaling_fixed_n, axes=axes[1]
+    )
+    fig.tight_layout()
+    paths.append(output / "scaling.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    axes = plotting.plot_latent_and_observed(random_state=0)
+    paths.append(output / "latent_and_observed.png")
+    axes.flat[0].figure.savefig(paths[-1], dpi=110)
+    plt.close("all")
+    return paths
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
@@ -194,17 +248,20 @@ def run(config: StudyConfig, output: Path, seed: int = 0, verbose: bool = True):
     """Run the study and the scaling study; write the table, CSVs and figures."""
     output.mkdir(parents=True, exist_ok=True)
     jobs = [(e, a, m, n) for (m, n) in SHAPES for a in ACTIVATIONS for e in ESTIMATORS]
-    n_scaling = (
-        len(ESTIMATORS)
-        * (len(config.scaling_n) + len(config.scaling_m))
-        * config.scaling_repeats
+    n_settings = len(
+        {(config.scaling_fixed_m, n) for n in config.scaling_n}
+        | {(m, config.scaling_fixed_n) for m in config.scaling_m}
     )
+    n_scaling = len(ESTIMATORS) * n_settings * config.scaling_repeats
     start = time.perf_counter()
     with tqdm(total=len(jobs) + n_scaling, disable=not verbose, desc="study") as bar:
-        rows = []
+        rows, models, data = [], {}, {}
         for name, activation, m, n in jobs:
             bar.set_postfix_str(f"{name} {activation} m={m} n={n}")
-            rows.append(study_row(name, activation, m, n, config, seed))
+            row, model, held_out = study_row(name, activation, m, n, config, seed)
+            rows.append(row)
+            if (m, n) == SHAPES[0]:  # the report's figures are at m=2, n=20
+                models[name, activation], data[activation] = model, held_out
             bar.update()
         bar.set_postfix_str("scaling study")
         scaling = scaling_rows(config, seed, bar)
@@ -219,7 +276,8 @@ def run(config: StudyConfig, output: Path, seed: int = 0, verbose: bool = True):
     (output / "study.md").write_text(header + table + "\n")
     write_csv(rows, output / "study.csv")
     write_csv(scaling, output / "scaling.csv")
-    return rows, scaling, seconds
+    figures = save_figures(models, data, scaling, config, output)
+    return rows, scaling, seconds, figures
 
 
 def main(argv=None) -> None:
@@ -231,8 +289,10 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     config = QUICK if args.quick else FULL
-    rows, _, seconds = run(config, args.output, args.seed)
+    rows, _, seconds, figures = run(config, args.output, args.seed)
     print((args.output / "study.md").read_text())
+    if figures:
+        print("Figures: " + ", ".join(str(path) for path in figures))
     print(
         f"Wrote study.md, study.csv and scaling.csv to {args.output}/ "
         f"({seconds:.0f} s)."
