@@ -186,6 +186,11 @@ def save_figures(models: dict, data: dict, scaling: list[dict], config, output):
                 else:
                     plotting.plot_learning_curve(model, reference=true_ll, ax=ax)
                 ax.set_title(f"{name}, {activation}")
+        # One legend per row (the VAE row adds ELBO curves): in every small
+        # panel it would hide the curves.
+        for ax in axes[:, 1:].flat:
+            if ax.get_legend() is not None:
+                ax.get_legend().remove()
         fig.tight_layout()
         paths.append(output / f"{kind}.png")
         fig.savefig(paths[-1], dpi=110)
