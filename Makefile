@@ -27,8 +27,9 @@ $(VENV)/.extras-%: pyproject.toml $(VENV)/.torch
 
 comma := ,
 
+# The report's study, reduced (python -m sknlica.experiments for the full one).
 demo: $(VENV)/.extras-plot
-	$(PY) -m sknlica.demo
+	$(PY) -m sknlica.experiments --quick --output sknlica_results
 
 test: $(VENV)/.extras-test
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
