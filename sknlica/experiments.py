@@ -227,10 +227,14 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
+    """Rows as CSV, floats to six significant digits."""
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        for row in rows:
+            writer.writerow(
+                {k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()}
+            )
 
 
 TABLE_COLUMNS = [
