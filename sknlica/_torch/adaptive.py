@@ -1,0 +1,455 @@
+"""Posterior-adapted importance sampling of ``log p(x)`` for small noise.
+
+Rules over the prior waste their nodes once ``sigma`` is small compared with
+how fast ``g`` varies: the posterior ``p(z | x)`` then covers a tiny part of
+the prior.  Here every row ``x_i`` gets its own proposal
+
+    q_i(z) = alpha N(z; mu_i, c^2 H_i^{-1}) + (1 - alpha) N(z; 0, I),
+
+with ``mu_i`` the posterior mode of ``log p(x_i, z)``, found by damped
+Gauss-Newton steps from the best node of a prior rule, and ``H_i = J^T J /
+sigma^2 + I`` the Gauss-Newton precision there (``J`` the Jacobian of ``g``).
+It is always positive definite; in directions where ``g`` is flat (clipped
+relu units) it falls back to the prior's unit precision, which keeps the
+proposal wide where the posterior is far from Gaussian.  The widening ``c``
+and the prior component (defensive importance sampling, Hesterberg 1995)
+bound the weights ``p(x, z) / q(z)`` in the tails.
+
+``K`` scrambled Sobol points, shared by all rows, are split by stratification:
+shares ``(0.5, 0.375, 0.125)`` go to the Laplace component, to a Gaussian
+matched to the posterior moments under a prior rule (it covers the ridges of
+relu posteriors that a Laplace Gaussian misses) and to the prior; every node
+carries the *mixture* density, so that
+
+    p(x_i) ~= (1 / K) sum_k p(x_i, z_ik) / q_i(z_ik)
+
+is unbiased with each component weighted by its share of the nodes
+(multiple importance sampling with the balance heuristic).  The same
+weights, self-normalised, give the posterior mean and posterior draws.  In
+training the proposal is held fixed (detached) within a step: the identity
+``p(x) = E_q[p(x, z) / q(z)]`` holds for any fixed ``q``, so the estimate
+and its gradient stay valid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from sknlica._torch.integration import sobol_uniforms, uniforms_to_normal
+from sknlica._torch.likelihood import log_joint_weights
+
+#: Widening ``c`` of the Laplace covariance.  Measured against dense quadrature
+#: on the report's relu and tanh generators (m = 2, n = 10, sigma in {1, 0.3,
+#: 0.1}, 1,024 nodes): c = 2 gave 0.004-0.007 nats mean error in every case,
+#: c = 1.5 up to 0.0099 (tanh, sigma = 0.1).
+PROPOSAL_SCALE = 2.0
+
+#: Fractions of the nodes on the three components: the Laplace Gaussian, the
+#: moment-matched Gaussian, and the prior (defensive, keeps weights bounded).
+#: The moment-matched component exists for relu: there the posterior is often
+#: a ridge along which units are clipped, far from the Laplace Gaussian at its
+#: vertex (measured: Laplace + prior alone left 0.03 nats mean error at sigma
+#: = 0.1 on 200 rows, dominated by such rows with errors up to 0.8).
+COMPONENT_FRACTIONS = (0.5, 0.375, 0.125)
+
+#: Damped Gauss-Newton steps towards the mode.  Measured on the report's
+#: generators, 8 steps from the best prior node converge to round-off for
+#: tanh and reach a vertex of the piecewise-linear relu posterior.
+NEWTON_STEPS = 8
+
+#: Step fractions tried per Gauss-Newton step; the best per row is kept, and
+#: ``0`` makes every step monotone in ``log p(x, z)``.
+STEP_FRACTIONS = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.0)
+
+#: Decoder evaluations per chunk of rows (rows x nodes per row) in evaluation.
+CHUNK_POINTS = 2**16
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def log_joint(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    decoder: Callable[[torch.Tensor], torch.Tensor],
+    noise_variance: torch.Tensor,
+) -> torch.Tensor:
+    """``log phi(x_i; g(z_ik), sigma^2 I) + log phi(z_ik; 0, I)``, shape ``(B, K)``.
+
+    ``x`` has shape ``(B, n)`` and ``z`` shape ``(B, K, m)``: ``K`` latents per
+    row, decoded in one call on ``B * K`` points.
+    """
+    rows, n_nodes, n_components = z.shape
+    g = decoder(z.reshape(rows * n_nodes, n_components)).reshape(rows, n_nodes, -1)
+    n_features = x.shape[1]
+    squared = (x[:, None, :] - g).square().sum(-1)
+    return -0.5 * (
+        n_features * torch.log(2 * math.pi * noise_variance)
+        + squared / noise_variance
+        + n_components * LOG_2PI
+        + z.square().sum(-1)
+    )
+
+
+def decoder_jacobian(
+    decoder: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``g(z)`` (``(B, n)``) and its Jacobian (``(B, n, m)``) by forward mode.
+
+    One Jacobian-vector product per latent dimension: ``m`` is small, and
+    each product is one batched decoder pass.
+    """
+    columns = []
+    g = None
+    for k in range(z.shape[1]):
+        tangent = torch.zeros_like(z)
+        tangent[:, k] = 1.0
+        g, column = torch.func.jvp(decoder, (z,), (tangent,))
+        columns.append(column)
+    return g, torch.stack(columns, dim=-1)
+
+
+def gauss_newton_precision(jacobian: torch.Tensor, noise_variance) -> torch.Tensor:
+    """``J^T J / sigma^2 + I``: positive definite whatever ``J`` is."""
+    eye = torch.eye(jacobian.shape[-1], dtype=jacobian.dtype, device=jacobian.device)
+    return jacobian.transpose(1, 2) @ jacobian / noise_variance + eye
+
+
+@torch.no_grad()
+def prior_start(
+    x: torch.Tensor,
+    nodes: torch.Tensor,
+    g: torch.Tensor,
+    log_weights: torch.Tensor,
+    noise_variance: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best node, posterior mean and covariance under a prior rule's weights.
+
+    Shapes ``(B, m)``, ``(B, m)`` and ``(B, m, m)``: the start of the mode
+    search and the moment-matched component of the proposal.
+    """
+    joint = log_joint_weights(x, g, log_weights, noise_variance)
+    weights = torch.softmax(joint, dim=1)
+    mean = weights @ nodes
+    second = torch.einsum("bk,ki,kj->bij", weights, nodes, nodes)
+    covariance = second - mean[:, :, None] * mean[:, None, :]
+    # Cancellation can leave tiny negative eigenvalues; clip them at zero so
+    # that C + H^{-1} stays positive definite.
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    covariance = (eigenvectors * eigenvalues.clamp_min(0)[:, None, :]) @ (
+        eigenvectors.transpose(1, 2)
+    )
+    return nodes[joint.argmax(dim=1)], mean, covariance
+
+
+@torch.no_grad()
+def find_mode(
+    x: torch.Tensor,
+    decoder: Callable[[torch.Tensor], torch.Tensor],
+    noise_variance: torch.Tensor,
+    start: torch.Tensor,
+    *,
+    n_steps: int = NEWTON_STEPS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mode of each row by damped Gauss-Newton, and the precision there.
+
+    Parameters
+    ----------
+    x : Tensor of shape (B, n)
+        Observations.
+    decoder : callable
+        Maps ``(N, m)`` latents to ``(N, n)`` means with torch ops.
+    noise_variance : Tensor
+        ``sigma^2`` (a scalar tensor).
+    start : Tensor of shape (B, m)
+        Starting points, e.g. :func:`prior_start`'s best nodes.
+    n_steps : int, default=NEWTON_STEPS
+        Gauss-Newton steps; each tries :data:`STEP_FRACTIONS` of the step and
+        keeps the best, so ``log p(x, z)`` never decreases.
+
+    Returns
+    -------
+    mode : Tensor of shape (B, m)
+    precision : Tensor of shape (B, m, m)
+        ``J^T J / sigma^2 + I`` at the mode.
+    """
+    z = start.detach().clone()
+    fractions = torch.tensor(STEP_FRACTIONS, dtype=z.dtype, device=z.device)
+    rows = torch.arange(z.shape[0], device=z.device)
+    for _ in range(n_steps):
+        g, jacobian = decoder_jacobian(decoder, z)
+        gradient = torch.einsum("bnm,bn->bm", jacobian, x - g) / noise_variance - z
+        precision = gauss_newton_precision(jacobian, noise_variance)
+        step = torch.linalg.solve(precision, gradient)
+        candidates = z[:, None, :] + fractions[None, :, None] * step[:, None, :]
+        values = log_joint(x, candidates, decoder, noise_variance)
+        # NaN (an overflowing step) must never win over staying put.
+        values = torch.nan_to_num(values, nan=-math.inf)
+        z = candidates[rows, values.argmax(dim=1)]
+    _, jacobian = decoder_jacobian(decoder, z)
+    return z, gauss_newton_precision(jacobian, noise_variance)
+
+
+def component_counts(
+    n_nodes: int, fractions: tuple[float, ...] = COMPONENT_FRACTIONS
+) -> tuple[int, ...]:
+    """Nodes per component, ``round(f K)`` by cumulative rounding (sum ``K``)."""
+    edges = [round(n_nodes * sum(fractions[:j])) for j in range(len(fractions) + 1)]
+    return tuple(b - a for a, b in zip(edges[:-1], edges[1:], strict=True))
+
+
+def proposal_normals(
+    n_components: int,
+    n_nodes: int,
+    *,
+    fractions: tuple[float, ...] = COMPONENT_FRACTIONS,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Standard-normal QMC points ``(K, m)`` and how many feed each component.
+
+    One independent scrambled Sobol sequence per component (Laplace,
+    moment-matched, prior), of ``round(f K)`` points (cumulative rounding, so
+    the counts sum to ``K``).
+    """
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-9:
+        raise ValueError(
+            f"Expected three non-negative fractions summing to 1, got {fractions!r}; "
+            f"use the default {COMPONENT_FRACTIONS}."
+        )
+    counts = component_counts(n_nodes, fractions)
+    parts = [
+        uniforms_to_normal(sobol_uniforms(n_components, count, generator))
+        for count in counts
+        if count
+    ]
+    return torch.cat(parts), counts
+
+
+def proposal_factor(
+    precision: torch.Tensor,
+    scale: float = PROPOSAL_SCALE,
+    extra_covariance: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cholesky factor of ``scale^2 (precision^{-1} + extra)``, ``(B, m, m)``."""
+    covariance = torch.linalg.inv(precision)
+    if extra_covariance is not None:
+        covariance = covariance + extra_covariance
+    covariance = scale**2 * covariance
+    # Symmetrise against round-off before factorising.
+    return torch.linalg.cholesky(0.5 * (covariance + covariance.transpose(1, 2)))
+
+
+def _log_normal(z, mean, factor):
+    """``log N(z_bk; mean_b, L_b L_b^T)`` for ``z`` of shape ``(B, K, m)``."""
+    centred = (z - mean[:, None, :]).transpose(1, 2)  # (B, m, K)
+    white = torch.linalg.solve_triangular(factor, centred, upper=False)
+    log_det = torch.log(torch.diagonal(factor, dim1=1, dim2=2)).sum(1)
+    m = z.shape[-1]
+    return -0.5 * (white.square().sum(1) + m * LOG_2PI) - log_det[:, None]
+
+
+def proposal_nodes(
+    means: tuple[torch.Tensor, torch.Tensor],
+    factors: tuple[torch.Tensor, torch.Tensor],
+    normals: torch.Tensor,
+    counts: tuple[int, ...],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row nodes ``(B, K, m)`` and the mixture log-density ``log q`` there.
+
+    The normals of the two Gaussian components go through ``z = mean_b + L_b
+    u``, the last ``counts[2]`` are prior draws shared by all rows.  Each
+    component's weight is its share ``counts[j] / K`` of the nodes, so the
+    stratified estimator is unbiased.
+    """
+    rows = means[0].shape[0]
+    n_nodes, m = normals.shape
+    parts, first = [], 0
+    for mean, factor, count in zip(means, factors, counts[:2], strict=True):
+        chunk = normals[first : first + count]
+        parts.append(mean[:, None, :] + torch.einsum("bij,kj->bki", factor, chunk))
+        first += count
+    parts.append(normals[first:].expand(rows, counts[2], m))
+    nodes = torch.cat(parts, dim=1)
+    terms = [
+        math.log(count / n_nodes) + _log_normal(nodes, mean, factor)
+        for mean, factor, count in zip(means, factors, counts[:2], strict=True)
+        if count
+    ]
+    if counts[2]:
+        log_prior = -0.5 * (nodes.square().sum(-1) + m * LOG_2PI)
+        terms.append(math.log(counts[2] / n_nodes) + log_prior)
+    return nodes, torch.logsumexp(torch.stack(terms), dim=0)
+
+
+def importance_log_weights(
+    x: torch.Tensor,
+    nodes: torch.Tensor,
+    log_q: torch.Tensor,
+    decoder: Callable[[torch.Tensor], torch.Tensor],
+    noise_variance: torch.Tensor,
+) -> torch.Tensor:
+    """``log p(x_i, z_ik) - log q_i(z_ik) - log K``; logsumexp over k is log p(x_i).
+
+    Differentiable with respect to the decoder and ``sigma^2`` when the
+    nodes and ``log_q`` are detached (the proposal held fixed).
+    """
+    return (
+        log_joint(x, nodes, decoder, noise_variance) - log_q - math.log(nodes.shape[1])
+    )
+
+
+def adapted_proposal(
+    x: torch.Tensor,
+    decoder: Callable[[torch.Tensor], torch.Tensor],
+    noise_variance: torch.Tensor,
+    start: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    normals: torch.Tensor,
+    counts: tuple[int, ...],
+    *,
+    n_steps: int = NEWTON_STEPS,
+    scale: float = PROPOSAL_SCALE,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mode search, then detached proposal nodes and ``log q``; also the modes.
+
+    ``start`` is :func:`prior_start`'s ``(point, mean, covariance)``.  The
+    Laplace component is ``N(mode, c^2 H^{-1})``; the moment-matched one is
+    ``N(mean, c^2 (covariance + H^{-1}))``, at least as wide as the Laplace
+    one even when the prior rule saw a single node.
+    """
+    point, mean, covariance = start
+    with torch.no_grad():
+        mode, precision = find_mode(x, decoder, noise_variance, point, n_steps=n_steps)
+        factors = (
+            proposal_factor(precision, scale),
+            proposal_factor(precision, scale, covariance),
+        )
+        nodes, log_q = proposal_nodes((mode, mean), factors, normals, counts)
+    return nodes, log_q, mode
+
+
+@torch.no_grad()
+def adaptive_chunked(
+    x: torch.Tensor,
+    decoder: Callable[[torch.Tensor], torch.Tensor],
+    noise_variance: torch.Tensor,
+    start: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    normals: torch.Tensor,
+    counts: tuple[int, ...],
+    *,
+    n_steps: int = NEWTON_STEPS,
+    scale: float = PROPOSAL_SCALE,
+    max_points: int = CHUNK_POINTS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``log p(x_i)`` and posterior mean ``E[z | x_i]``, in row chunks.
+
+    Every row's result depends only on that row, ``start`` and the shared
+    ``normals``, so it does not depend on the chunking or the other rows.
+
+    Returns
+    -------
+    log_marginal : Tensor of shape (B,)
+    posterior_mean : Tensor of shape (B, m)
+    """
+    step = max(1, max_points // normals.shape[0])
+    log_marginals, means = [], []
+    for first in range(0, x.shape[0], step):
+        rows = slice(first, first + step)
+        nodes, log_q, _ = adapted_proposal(
+            x[rows],
+            decoder,
+            noise_variance,
+            tuple(part[rows] for part in start),
+            normals,
+            counts,
+            n_steps=n_steps,
+            scale=scale,
+        )
+        log_w = importance_log_weights(x[rows], nodes, log_q, decoder, noise_variance)
+        log_marginals.append(torch.logsumexp(log_w, dim=1))
+        means.append(torch.einsum("bk,bkm->bm", torch.softmax(log_w, dim=1), nodes))
+    if not log_marginals:
+        return x.new_zeros(0), x.new_zeros((0, normals.shape[1]))
+    return torch.cat(log_marginals), torch.cat(means)
+
+
+@torch.no_grad()
+def adaptive_resample(
+    x: torch.Tensor,
+    decoder: Callable[[torch.Tensor], torch.Tensor],
+    noise_variance: torch.Tensor,
+    start: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    normals: torch.Tensor,
+    counts: tuple[int, ...],
+    n_samples: int,
+    *,
+    generator: torch.Generator,
+    n_steps: int = NEWTON_STEPS,
+    scale: float = PROPOSAL_SCALE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-normalised importance resampling: draws ``(B, S, m)`` and the spread.
+
+    The spread (mean posterior variance over the latent axes, shape ``(B,)``)
+    is a natural MCMC step size for refining the draws.
+    """
+    nodes, log_q, _ = adapted_proposal(
+        x,
+        decoder,
+        noise_variance,
+        start,
+        normals,
+        counts,
+        n_steps=n_steps,
+        scale=scale,
+    )
+    log_w = importance_log_weights(x, nodes, log_q, decoder, noise_variance)
+    weights = torch.softmax(log_w, dim=1)
+    picks = torch.multinomial(weights, n_samples, replacement=True, generator=generator)
+    draws = torch.gather(nodes, 1, picks[..., None].expand(-1, -1, nodes.shape[-1]))
+    mean = torch.einsum("bk,bkm->bm", weights, nodes)
+    second = torch.einsum("bk,bkm->bm", weights, nodes.square())
+    return draws, (second - mean.square()).mean(1)
+
+
+class AdaptiveNodeSampler:
+    """Training nodes for the adaptive rule: a prior start rule and QMC normals.
+
+    The prior rule (fixed) supplies each row's starting point for the mode
+    search.  The proposal's Sobol points get a fresh uniform shift modulo 1
+    every step (Cranley-Patterson rotation), as for the ``"qmc"`` prior rule,
+    so the decoder cannot overfit one node set.
+    """
+
+    def __init__(
+        self,
+        start_rule: tuple[torch.Tensor, torch.Tensor],
+        n_components: int,
+        n_nodes: int,
+        *,
+        generator: torch.Generator,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.start_rule = start_rule
+        self.n_components = n_components
+        self.generator = generator
+        self.dtype = dtype
+        self.device = device
+        self.counts = component_counts(n_nodes)
+        self._uniforms = [
+            sobol_uniforms(n_components, count, generator)
+            for count in self.counts
+            if count
+        ]
+
+    def draw(self) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Shifted normals ``(K, m)`` and the node count of each component."""
+        parts = []
+        for uniforms in self._uniforms:
+            shift = torch.rand(
+                self.n_components, generator=self.generator, dtype=torch.float64
+            )
+            parts.append(uniforms_to_normal(torch.remainder(uniforms + shift, 1.0)))
+        normals = torch.cat(parts).to(dtype=self.dtype, device=self.device)
+        return normals, self.counts
