@@ -11,7 +11,9 @@ named steps: ``_build_model``, ``_training_loss``, ``_epoch_scores`` and
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import math
 import time
 import warnings
@@ -29,6 +31,7 @@ from sklearn.base import (
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted, validate_data
 from tqdm.auto import tqdm
 
@@ -47,6 +50,91 @@ LEARNING_RATE_DECAY = 0.5
 
 class TrainingDivergedError(FloatingPointError):
     """Training produced a non-finite loss; the best finite model was kept."""
+
+
+@contextlib.contextmanager
+def torch_threads(n_threads: int | None):
+    """Run the block with ``n_threads`` torch intra-op threads, then restore.
+
+    ``None`` leaves torch's setting alone.  The setting is process-wide, so
+    concurrent estimators in *threads* of one process share it; processes
+    (loky, Dask and Ray workers) each have their own.
+    """
+    if n_threads is None:
+        yield
+        return
+    if not isinstance(n_threads, Integral) or n_threads < 1:
+        raise ValueError(
+            f"n_threads should be None or a positive integer, got {n_threads!r}."
+        )
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def uses_torch_threads(method):
+    """Decorate a public method so it runs under the estimator's ``n_threads``."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with torch_threads(getattr(self, "n_threads", None)):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+class TrainingRows:
+    """The training rows of a data tensor, gathered one minibatch at a time.
+
+    Holding the full data plus an index (rather than ``X[index]``) is what
+    keeps ``fit`` from copying the data: only minibatches are materialised.
+
+    Parameters
+    ----------
+    data : torch.Tensor of shape (n_samples, n_features)
+        All rows, possibly sharing memory with the caller's array.
+    index : torch.Tensor of int64 or None
+        Positions of the training rows in ``data``; ``None`` means all rows.
+    """
+
+    def __init__(self, data: torch.Tensor, index: torch.Tensor | None = None):
+        self.data = data
+        self.index = index
+
+    def __len__(self) -> int:
+        return self.data.shape[0] if self.index is None else self.index.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self), self.data.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def take(self, positions: torch.Tensor) -> torch.Tensor:
+        """Rows at ``positions`` (0-based among the training rows), copied."""
+        if self.index is not None:
+            positions = self.index[positions]
+        return self.data[positions]
+
+
+def _partial_fit_applies(estimator) -> bool:
+    # Restarts pick the best of several complete fits, which needs all the
+    # data at once; incremental training has a single run.
+    if estimator.n_init != 1:
+        raise AttributeError(
+            "partial_fit is unavailable with n_init > 1 (restarts compare whole "
+            "fits); set n_init=1 for incremental training."
+        )
+    return True
 
 
 class BaseNonlinearICA(
@@ -73,6 +161,7 @@ class BaseNonlinearICA(
         "n_init": [Interval(Integral, 1, None, closed="left")],
         "warm_start": ["boolean"],
         "device": [StrOptions({"cpu", "cuda", "auto"})],
+        "n_threads": [Interval(Integral, 1, None, closed="left"), None],
         "verbose": ["verbose"],
         "random_state": ["random_state"],
     }
@@ -83,8 +172,13 @@ class BaseNonlinearICA(
         """Return a fresh ``nn.Module`` holding every trainable part."""
 
     @abstractmethod
-    def _training_loss(self, model, batch, *, generator) -> torch.Tensor:
-        """Minibatch loss (negative objective per row) to minimise."""
+    def _training_loss(self, model, batch, *, generator, rows=None) -> torch.Tensor:
+        """Minibatch loss (negative objective per row) to minimise.
+
+        ``rows`` holds the batch's positions among the training rows, stable
+        across the epochs of one ``fit`` (``None`` in ``partial_fit``), for
+        per-row state such as warm starts.
+        """
 
     @abstractmethod
     def _epoch_scores(self, model, X_train, X_val, train_objective) -> dict:
@@ -143,11 +237,27 @@ class BaseNonlinearICA(
         return torch.tensor(X, dtype=self._torch_dtype(X), device=device or "cpu")
 
     @staticmethod
+    def _training_tensor(X: np.ndarray, device: torch.device) -> torch.Tensor:
+        """``X`` as a tensor on ``device``, sharing memory on the CPU.
+
+        Training only ever reads rows (minibatches are gathered copies), so
+        the caller's array -- even a read-only or memory-mapped one -- is
+        safe to share, and memory stays flat in the number of rows.
+        """
+        if device.type != "cpu":
+            return torch.as_tensor(X, device=device)
+        with warnings.catch_warnings():
+            # Read-only input (e.g. a memory map): we never write to it.
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            return torch.from_numpy(np.ascontiguousarray(X))
+
+    @staticmethod
     def _seed(rng: np.random.RandomState) -> torch.Generator:
         return torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
 
     # ------------------------------------------------------------------- fit
     @_fit_context(prefer_skip_nested_validation=True)
+    @uses_torch_threads
     def fit(self, X, y=None):
         """Fit the model to ``X``.
 
@@ -169,13 +279,13 @@ class BaseNonlinearICA(
         warm = self.warm_start and hasattr(self, "decoder_")
         X = self._validate(X, reset=not warm)
         self._check_params(X)
+        self._check_split(X)
         rng = check_random_state(self.random_state)
         device = self._resolve_device()
         dtype = self._torch_dtype(X)
-        X_train, X_val = self._split(X, rng)
-        X_train = self._to_tensor(X_train, device)
-        X_val = None if X_val is None else self._to_tensor(X_val, device)
-        scale = float(np.mean(np.var(X, axis=0))) or 1.0
+        data = self._training_tensor(X, device)
+        train_rows, X_val = self._split(data, rng)
+        scale = _mean_feature_variance(data)
 
         best = None
         for _ in range(1 if warm else self.n_init):
@@ -191,11 +301,101 @@ class BaseNonlinearICA(
                     generator=generator,
                 )
             )
-            run = self._train(model, X_train, X_val, generator)
+            run = self._train(model, train_rows, X_val, generator)
             if best is None or run["score"] > best["score"]:
                 best = run
         self._finish(best)
         return self
+
+    @available_if(_partial_fit_applies)
+    @_fit_context(prefer_skip_nested_validation=True)
+    @uses_torch_threads
+    def partial_fit(self, X, y=None):
+        """One epoch of minibatch updates on ``X``, continuing from the last call.
+
+        For data that does not fit in memory or arrives in chunks: the first
+        call (or the first after ``fit`` with ``warm_start=False`` replaced
+        the model) initialises the model; each later call continues it, with
+        the optimizer's state carried over.  There is no validation split,
+        early stopping or learning-rate decay: each call makes one pass over
+        ``X`` in minibatches of ``batch_size`` and appends one entry to
+        ``history_``.  A call whose loss becomes non-finite raises
+        :class:`TrainingDivergedError` and leaves the previous fitted model
+        untouched.  Unavailable when ``n_init > 1``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            A chunk of training data (at least 2 rows in the first call).
+        y : Ignored
+            Not used, present for API consistency.
+
+        Returns
+        -------
+        self : object
+            The updated estimator.
+        """
+        first = not hasattr(self, "decoder_")
+        X = self._validate(X, reset=first)
+        self._check_params(X)
+        rng = check_random_state(self.random_state)
+        device = self._resolve_device()
+        dtype = self._torch_dtype(X)
+        data = self._training_tensor(X, device)
+        n_done = 0 if first else self.n_iter_
+        # A different stream per call, reproducible for an integer seed.
+        generator = torch.Generator().manual_seed(
+            int(rng.randint(np.iinfo(np.int32).max)) + 7919 * n_done
+        )
+        if first:
+            model = self._build_model(
+                X.shape[1],
+                scale=_mean_feature_variance(data),
+                dtype=dtype,
+                device=device,
+                generator=generator,
+            )
+        else:
+            model = self._model_from_fitted(
+                dtype=dtype, device=device, generator=generator
+            )
+        optimizers = self._make_optimizers(model)
+        for optimizer, state in zip(
+            optimizers, getattr(self, "_optimizer_states_", ()), strict=False
+        ):
+            optimizer.load_state_dict(state)
+        self._begin_epoch(model, n_done)
+        start = time.perf_counter()
+        train_loss = self._run_epoch(model, optimizers, TrainingRows(data), generator)
+        if not math.isfinite(train_loss) or not _is_finite(model):
+            raise TrainingDivergedError(
+                f"{type(self).__name__}.partial_fit diverged: the loss became "
+                "non-finite"
+                + ("." if first else "; the previous model was kept.")
+                + " Try a smaller learning_rate_init, float64 input, "
+                "standardising X, or a larger initial noise_variance."
+            )
+        model.eval()
+        with torch.no_grad():
+            entry = {"epoch": n_done + 1, "train_objective": -train_loss}
+            entry.update(
+                self._epoch_scores(model, TrainingRows(data), None, -train_loss)
+            )
+            entry["noise_variance"] = float(model.noise())
+        entry["seconds"] = time.perf_counter() - start
+        self._store_fitted(model)
+        self._store_optimizers(optimizers)
+        self.history_ = ([] if first else list(self.history_)) + [entry]
+        self.n_iter_ = n_done + 1
+        self.best_epoch_ = self.n_iter_
+        self.converged_ = False
+        return self
+
+    def _store_optimizers(self, optimizers) -> None:
+        # CPU copies, so the estimator pickles and clones like its modules.
+        self._optimizer_states_ = [
+            _state_to_cpu(optimizer.state_dict()) for optimizer in optimizers
+        ]
 
     def _check_params(self, X) -> None:
         sizes = self.hidden_layer_sizes
@@ -204,6 +404,8 @@ class BaseNonlinearICA(
                 "hidden_layer_sizes should be a sequence of positive integers, "
                 f"got {sizes!r}. Use () for a decoder without hidden layers."
             )
+
+    def _check_split(self, X) -> None:
         if self.early_stopping:
             n_val = math.ceil(self.validation_fraction * X.shape[0])
             if n_val < 1 or X.shape[0] - n_val < 1:
@@ -214,12 +416,13 @@ class BaseNonlinearICA(
                     "change validation_fraction or set early_stopping=False."
                 )
 
-    def _split(self, X, rng):
+    def _split(self, data: torch.Tensor, rng) -> tuple[TrainingRows, torch.Tensor]:
+        """Training rows (by index, no copy) and the validation rows (copied)."""
         if not self.early_stopping:
-            return X, None
-        order = rng.permutation(X.shape[0])
-        n_val = math.ceil(self.validation_fraction * X.shape[0])
-        return X[order[n_val:]], X[order[:n_val]]
+            return TrainingRows(data), None
+        order = torch.from_numpy(rng.permutation(data.shape[0])).to(data.device)
+        n_val = math.ceil(self.validation_fraction * data.shape[0])
+        return TrainingRows(data, order[n_val:]), data[order[:n_val]]
 
     def _make_optimizers(self, model):
         noise = [p for n, p in model.named_parameters() if n.startswith("noise.")]
@@ -240,8 +443,6 @@ class BaseNonlinearICA(
         history: list[dict] = []
         best_score, best_state, best_epoch = -math.inf, None, 0
         no_improvement, converged, failure = 0, False, None
-        n_train = X_train.shape[0]
-        batch_size = min(self.batch_size, n_train)
         start = time.perf_counter()
         bar = tqdm(
             range(self.max_iter),
@@ -252,14 +453,9 @@ class BaseNonlinearICA(
         try:
             for epoch in bar:
                 self._begin_epoch(model, epoch)
-                model.train()
-                order = torch.randperm(n_train, generator=generator).to(X_train.device)
-                losses = []
-                for first in range(0, n_train, batch_size):
-                    batch = X_train[order[first : first + batch_size]]
-                    loss = self._optimizer_step(model, optimizers, batch, generator)
-                    losses.append(loss)
-                train_loss = torch.stack(losses).mean().item()
+                train_loss = self._run_epoch(
+                    model, optimizers, X_train, generator, pass_rows=True
+                )
                 if not math.isfinite(train_loss) or not _is_finite(model):
                     failure = epoch + 1
                     break
@@ -297,6 +493,7 @@ class BaseNonlinearICA(
         if best_state is not None:
             model.load_state_dict(best_state)
         return {
+            "optimizers": optimizers,
             "model": model,
             "score": best_score,
             "history": history,
@@ -307,17 +504,39 @@ class BaseNonlinearICA(
             "has_state": best_state is not None,
         }
 
+    def _run_epoch(
+        self, model, optimizers, rows: TrainingRows, generator, *, pass_rows=False
+    ) -> float:
+        """One shuffled pass of minibatch steps; returns the mean loss."""
+        model.train()
+        n_rows = len(rows)
+        batch_size = min(self.batch_size, n_rows)
+        order = torch.randperm(n_rows, generator=generator).to(rows.device)
+        losses = []
+        for first in range(0, n_rows, batch_size):
+            positions = order[first : first + batch_size]
+            losses.append(
+                self._optimizer_step(
+                    model,
+                    optimizers,
+                    rows.take(positions),
+                    generator,
+                    rows=positions if pass_rows else None,
+                )
+            )
+        return torch.stack(losses).mean().item()
+
     def _begin_epoch(self, model, epoch: int) -> None:
         """Called before each training epoch (0-based); e.g. for KL warm-up."""
 
     def _decay_patience(self) -> int:
         return max(1, self.n_iter_no_change // 2)
 
-    def _optimizer_step(self, model, optimizers, batch, generator):
+    def _optimizer_step(self, model, optimizers, batch, generator, rows=None):
         if len(optimizers) == 1:
             (optimizer,) = optimizers
             optimizer.zero_grad(set_to_none=True)
-            loss = self._training_loss(model, batch, generator=generator)
+            loss = self._training_loss(model, batch, generator=generator, rows=rows)
             loss.backward()
             optimizer.step()
             return loss.detach()
@@ -325,7 +544,9 @@ class BaseNonlinearICA(
         loss = None
         for optimizer in optimizers:
             model.zero_grad(set_to_none=True)
-            step_loss = self._training_loss(model, batch, generator=generator)
+            step_loss = self._training_loss(
+                model, batch, generator=generator, rows=rows
+            )
             step_loss.backward()
             optimizer.step()
             loss = step_loss.detach() if loss is None else loss
@@ -340,6 +561,7 @@ class BaseNonlinearICA(
                 "initial noise_variance."
             )
         self._store_fitted(run["model"])
+        self._store_optimizers(run["optimizers"])
         self.history_ = run["history"]
         self.n_iter_ = max(run["n_iter"], 1)
         self.converged_ = run["converged"]
@@ -382,6 +604,7 @@ class BaseNonlinearICA(
         """
         return float(np.mean(self.score_samples(X)))
 
+    @uses_torch_threads
     def sample(self, n_samples: int = 1, random_state=None, return_latent=False):
         """Draw ``x = g(z) + noise`` with ``z ~ N(0, I)`` from the fitted model.
 
@@ -430,6 +653,7 @@ class BaseNonlinearICA(
             z = torch.tensor(Z, dtype=param.dtype)
             return self.decoder_(z).double().numpy()
 
+    @uses_torch_threads
     def inverse_transform(self, X):
         """Map latents to the decoder mean ``g(z)``.
 
@@ -462,6 +686,21 @@ class BaseNonlinearICA(
             if isinstance(value, torch.nn.Module):
                 state[key] = value.cpu()
         return state
+
+
+def _mean_feature_variance(data: torch.Tensor) -> float:
+    """Mean per-feature variance (1 for constant data), without a copy of ``data``."""
+    return float(data.var(dim=0, unbiased=False).mean()) or 1.0
+
+
+def _state_to_cpu(state):
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu().clone()
+    if isinstance(state, dict):
+        return {key: _state_to_cpu(value) for key, value in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(_state_to_cpu(value) for value in state)
+    return state
 
 
 def _scale_learning_rates(optimizers, factor: float) -> None:

@@ -9,7 +9,11 @@ import torch
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from sknlica._base import NOISE_VARIANCE_FLOOR, BaseNonlinearICA
+from sknlica._base import (
+    NOISE_VARIANCE_FLOOR,
+    BaseNonlinearICA,
+    uses_torch_threads,
+)
 from sknlica._marginal import decode_nodes
 from sknlica._torch.adaptive import (
     AdaptiveNodeSampler,
@@ -184,6 +188,11 @@ class NonlinearICAMLE(BaseNonlinearICA):
     device : {"cpu", "cuda", "auto"}, default="cpu"
         Where training runs.  ``"cuda"`` falls back to the CPU with a warning
         when no GPU is present; fitted modules are always stored on the CPU.
+    n_threads : int, default=None
+        Torch intra-op threads used inside ``fit``, ``partial_fit`` and every
+        inference method, restored afterwards; ``None`` keeps torch's setting.
+        In ``GridSearchCV(n_jobs=k)`` on ``c`` cores, ``n_threads=c // k``
+        avoids oversubscription (see the user guide's performance page).
     verbose : int, default=0
         Show a progress bar with the current score.
     random_state : int, RandomState instance or None, default=None
@@ -267,6 +276,7 @@ class NonlinearICAMLE(BaseNonlinearICA):
         n_init=1,
         warm_start=False,
         device="cpu",
+        n_threads=None,
         verbose=0,
         random_state=None,
     ):
@@ -293,6 +303,7 @@ class NonlinearICAMLE(BaseNonlinearICA):
         self.n_init = n_init
         self.warm_start = warm_start
         self.device = device
+        self.n_threads = n_threads
         self.verbose = verbose
         self.random_state = random_state
 
@@ -353,7 +364,7 @@ class NonlinearICAMLE(BaseNonlinearICA):
         )
         return model.to(dtype=dtype, device=device)
 
-    def _training_loss(self, model, batch, *, generator):
+    def _training_loss(self, model, batch, *, generator, rows=None):
         if self.integration == "adaptive":
             return self._adaptive_training_loss(model, batch)
         nodes, log_weights = model.sampler.draw()
@@ -506,6 +517,7 @@ class NonlinearICAMLE(BaseNonlinearICA):
         noise = torch.tensor(self.noise_variance_, dtype=x.dtype)
         return x, self._fitted_module(self.decoder_, x.dtype), noise
 
+    @uses_torch_threads
     def score_samples(self, X):
         """Log-likelihood ``log p(x)`` of each row under the fitted model.
 
@@ -530,6 +542,7 @@ class NonlinearICAMLE(BaseNonlinearICA):
         with torch.no_grad():
             return self._log_marginal(x, decoder, noise).numpy()
 
+    @uses_torch_threads
     def transform(self, X):
         """Posterior mean ``E[z | x]`` of each row under the fitted model.
 
@@ -549,6 +562,7 @@ class NonlinearICAMLE(BaseNonlinearICA):
         x, decoder, noise = self._fitted_tensors(X)
         return self._evaluate(x, decoder, noise)[1].numpy()
 
+    @uses_torch_threads
     def sample_posterior(self, X, n_samples=100, *, n_steps=50, random_state=None):
         """Draw from the exact posterior ``p(z | x)`` of each row.
 

@@ -10,7 +10,11 @@ import torch
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from sknlica._base import NOISE_VARIANCE_FLOOR, BaseNonlinearICA
+from sknlica._base import (
+    NOISE_VARIANCE_FLOOR,
+    BaseNonlinearICA,
+    uses_torch_threads,
+)
 from sknlica._torch.elbo import (
     diagonal_normal_log_density,
     gaussian_log_likelihood,
@@ -231,6 +235,11 @@ class NonlinearICAVAE(BaseNonlinearICA):
         Continue from the previous fit's parameters.
     device : {"cpu", "cuda", "auto"}, default="cpu"
         Where training runs; fitted modules are always stored on the CPU.
+    n_threads : int, default=None
+        Torch intra-op threads used inside ``fit``, ``partial_fit`` and every
+        inference method, restored afterwards; ``None`` keeps torch's setting.
+        In ``GridSearchCV(n_jobs=k)`` on ``c`` cores, ``n_threads=c // k``
+        avoids oversubscription (see the user guide's performance page).
     verbose : int, default=0
         Show a progress bar with the current score.
     random_state : int, RandomState instance or None, default=None
@@ -356,6 +365,7 @@ class NonlinearICAVAE(BaseNonlinearICA):
         n_init=1,
         warm_start=False,
         device="cpu",
+        n_threads=None,
         verbose=0,
         random_state=None,
     ):
@@ -387,6 +397,7 @@ class NonlinearICAVAE(BaseNonlinearICA):
         self.n_init = n_init
         self.warm_start = warm_start
         self.device = device
+        self.n_threads = n_threads
         self.verbose = verbose
         self.random_state = random_state
 
@@ -492,7 +503,7 @@ class NonlinearICAVAE(BaseNonlinearICA):
             param_groups.append({"params": noise, "lr": lr})
         return torch.optim.SGD(param_groups, lr=self.learning_rate_init)
 
-    def _optimizer_step(self, model, optimizers, batch, generator):
+    def _optimizer_step(self, model, optimizers, batch, generator, rows=None):
         loss = None
         for optimizer in optimizers:
             model.zero_grad(set_to_none=True)
@@ -510,7 +521,7 @@ class NonlinearICAVAE(BaseNonlinearICA):
             ramp = min(1.0, (epoch + 1) / (self.kl_warmup_epochs + 1))
         model.kl_weight = self.beta * ramp
 
-    def _training_loss(self, model, batch, *, generator):
+    def _training_loss(self, model, batch, *, generator, rows=None):
         mean, log_var = model.encode(batch)
         n_draws = (
             self.n_importance_samples if self.objective == "iwae" else self.n_mc_samples
@@ -549,7 +560,8 @@ class NonlinearICAVAE(BaseNonlinearICA):
             min(MONITOR_SAMPLES, self.n_eval_samples), X_train.dtype, X_train.device
         )
         stride = max(1, X_train.shape[0] // MONITOR_ROWS)
-        subset = X_train[::stride][:MONITOR_ROWS]
+        positions = torch.arange(0, X_train.shape[0], stride, device=X_train.device)
+        subset = X_train.take(positions[:MONITOR_ROWS])
         log_px, elbo = self._estimate(model, subset, eps)
         scores = {
             "train_log_likelihood": float(log_px.mean()),
@@ -614,6 +626,7 @@ class NonlinearICAVAE(BaseNonlinearICA):
         x = self._to_tensor(X)
         return x, self._fitted_model(x.dtype)
 
+    @uses_torch_threads
     def score_samples(self, X):
         """Importance-sampling estimate of ``log p(x)`` for each row.
 
@@ -639,6 +652,7 @@ class NonlinearICAVAE(BaseNonlinearICA):
         eps = self._evaluation_draws(self.n_eval_samples, x.dtype, x.device)
         return self._estimate(model, x, eps)[0].numpy()
 
+    @uses_torch_threads
     def elbo(self, X):
         """Evidence lower bound of each row (``beta = 1``).
 
@@ -670,6 +684,7 @@ class NonlinearICAVAE(BaseNonlinearICA):
         eps = self._evaluation_draws(self.n_eval_samples, x.dtype, x.device)
         return self._estimate(model, x, eps)[1].numpy()
 
+    @uses_torch_threads
     def transform(self, X):
         """Encoder mean ``mu(x)`` of each row.
 
@@ -695,6 +710,7 @@ class NonlinearICAVAE(BaseNonlinearICA):
             mean, variance = self._fitted_model(torch.float64).decode(torch.tensor(Z))
         return mean.numpy(), variance.numpy()
 
+    @uses_torch_threads
     def sample_posterior(self, X, n_samples=100, *, n_steps=0, random_state=None):
         """Draw from the encoder ``q(z | x)``, optionally corrected by MCMC.
 

@@ -460,7 +460,7 @@ def test_early_stopping_needs_enough_rows():
 class _DivergesAtStep(NonlinearICAMLE):
     """Test double: the loss turns NaN at a chosen training step."""
 
-    def _training_loss(self, model, batch, *, generator):
+    def _training_loss(self, model, batch, *, generator, rows=None):
         self._steps = getattr(self, "_steps", 0) + 1
         loss = super()._training_loss(model, batch, generator=generator)
         return loss * np.nan if self._steps >= self.fail_at else loss
@@ -469,7 +469,7 @@ class _DivergesAtStep(NonlinearICAMLE):
 class _InterruptedAtStep(NonlinearICAMLE):
     """Test double: a KeyboardInterrupt arrives at a chosen training step."""
 
-    def _training_loss(self, model, batch, *, generator):
+    def _training_loss(self, model, batch, *, generator, rows=None):
         self._steps = getattr(self, "_steps", 0) + 1
         if self._steps >= self.fail_at:
             raise KeyboardInterrupt

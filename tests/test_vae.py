@@ -461,7 +461,7 @@ def test_inconsistent_parameters_explain_the_fix(params, match):
 class _DivergesAtStep(NonlinearICAVAE):
     """Test double: the loss turns NaN at a chosen training step."""
 
-    def _training_loss(self, model, batch, *, generator):
+    def _training_loss(self, model, batch, *, generator, rows=None):
         self._steps = getattr(self, "_steps", 0) + 1
         loss = super()._training_loss(model, batch, generator=generator)
         return loss * np.nan if self._steps >= self.fail_at else loss
@@ -470,7 +470,7 @@ class _DivergesAtStep(NonlinearICAVAE):
 class _InterruptedAtStep(NonlinearICAVAE):
     """Test double: a KeyboardInterrupt arrives at a chosen training step."""
 
-    def _training_loss(self, model, batch, *, generator):
+    def _training_loss(self, model, batch, *, generator, rows=None):
         self._steps = getattr(self, "_steps", 0) + 1
         if self._steps >= self.fail_at:
             raise KeyboardInterrupt
