@@ -31,6 +31,7 @@ from sknlica._torch.elbo import (
     vimco_iwae,
 )
 from sknlica._torch.integration import prior_rule
+from sknlica._torch.likelihood import CHUNK_ELEMENTS
 from sknlica._torch.networks import GaussianHead, NoiseVariance, make_mlp
 from sknlica._torch.posterior import mala
 
@@ -597,12 +598,19 @@ class NonlinearICAVAE(BaseNonlinearICA):
 
     def _estimate(self, model, x, eps):
         """Per-row importance-sampled ``log p(x)`` and ELBO with draws ``eps``."""
+        width = max((x.shape[1], *tuple(self.hidden_layer_sizes)))
+        # Encode in row chunks too, so memory stays flat in the number of rows.
+        rows = max(1, CHUNK_ELEMENTS // (eps.shape[0] * width))
+        log_px, elbo = [], []
         with torch.no_grad():
-            mean, log_var = model.encode(x)
-            width = max((x.shape[1], *tuple(self.hidden_layer_sizes)))
-            return importance_sampled_log_likelihood(
-                x, mean, log_var, model.decode, eps, width=width
-            )
+            for chunk in x.split(rows):
+                mean, log_var = model.encode(chunk)
+                chunk_log_px, chunk_elbo = importance_sampled_log_likelihood(
+                    chunk, mean, log_var, model.decode, eps, width=width
+                )
+                log_px.append(chunk_log_px)
+                elbo.append(chunk_elbo)
+        return torch.cat(log_px), torch.cat(elbo)
 
     @staticmethod
     def _mean_head_variance(model, x):
