@@ -601,12 +601,19 @@ class NonlinearICAMLE(BaseNonlinearICA):
         x, decoder, noise = self._fitted_tensors(X)
         with torch.no_grad():
             nodes, log_weights, g = self._decoded_nodes(x, decoder)
-            weights = torch.softmax(log_joint_weights(x, g, log_weights, noise), 1)
-            picks = torch.multinomial(
-                weights, n_samples, replacement=True, generator=generator
-            )
-            z = nodes[picks]
-            spread = (weights @ nodes.square() - (weights @ nodes).square()).mean(1)
+            z, spread = [], []
+            # In row chunks: the rows x nodes weights are the largest temporary.
+            for chunk in x.split(chunk_rows(g.shape[0], CHUNK_ELEMENTS)):
+                weights = torch.softmax(
+                    log_joint_weights(chunk, g, log_weights, noise), 1
+                )
+                picks = torch.multinomial(
+                    weights, n_samples, replacement=True, generator=generator
+                )
+                z.append(nodes[picks])
+                moments = weights @ nodes.square() - (weights @ nodes).square()
+                spread.append(moments.mean(1))
+            z, spread = torch.cat(z), torch.cat(spread)
             _, _, adaptive, start = self._evaluate(x, decoder, noise, refine=False)
             if adaptive is not None and adaptive.any():
                 rows = adaptive.nonzero().squeeze(1)
