@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from numbers import Integral, Real
 
 import torch
@@ -21,6 +22,7 @@ from sknlica._torch.adaptive import (
     adaptive_chunked,
     adaptive_resample,
     importance_log_weights,
+    log_joint,
     prior_start,
     proposal_normals,
 )
@@ -54,6 +56,12 @@ ESS_THRESHOLD = 30.0
 #: the 0.01 nats target in tests/test_adaptive.py, 2x for margin.
 ADAPTIVE_EVAL_NODES = 2048
 
+#: Proposal nodes per low-ESS row in the per-epoch validation score while
+#: training is adaptive: 256 measured 0.011-0.017 nats/row mean error against
+#: dense quadrature (``benchmarks/results/adaptive.md``), plenty to stop on,
+#: at an eighth of the cost of :data:`ADAPTIVE_EVAL_NODES`.
+VALIDATION_ADAPTIVE_NODES = 256
+
 #: Proposal nodes per row and step for ``integration="adaptive"`` training.
 #: The estimate is unbiased for p(x) at any size; 64 keeps a step's decoder
 #: work (batch_size * 64 points) moderate.
@@ -65,8 +73,47 @@ ADAPTIVE_TRAIN_NODES = 64
 ADAPTIVE_TRAIN_NEWTON_STEPS = 3
 
 
+#: Under ``integration="auto"``, training switches to the adaptive rule for
+#: low-ESS rows while at least :data:`AUTO_SWITCH_FRACTION` of the validation
+#: rows have an ESS below this over the validation nodes (4,096 grid nodes by
+#: default), and back when the fraction falls below half of it.  Lower than
+#: :data:`ESS_THRESHOLD`: measured at the true model of the report's relu
+#: generator (m = 2, n = 20, 500 rows, 4,096 grid nodes, against a dense
+#: 600 x 600 grid), at sigma^2 = 1 half the rows have ESS 12-25, yet the
+#: grid's mean error is 0.001 nats/row and no row has ESS < 5.  At sigma^2 =
+#: 0.1, 0.04, 0.01, 56%, 63%, 70% of the rows have ESS < 5, and the grid's
+#: mean error (0.15, 0.52, 3.2) comes almost all from them (rows with ESS >=
+#: 5: 0.010, 0.021, 0.089).
+AUTO_SWITCH_ESS = 5.0
+
+#: Once ``"auto"`` has switched, minibatch rows whose ESS over the training
+#: nodes is below this are integrated adaptively, the others by the prior rule.
+MIXED_ESS_THRESHOLD = ESS_THRESHOLD
+
+#: Fraction of low-ESS validation rows (see :data:`AUTO_SWITCH_ESS`) at which
+#: ``"auto"`` training switches to the adaptive rule for low-ESS rows.  In the
+#: benchmark (``benchmarks/bench_adaptive.py``) it stays 0 in every epoch of
+#: the sigma^2 = 1 default fit and passes 0.1 after epoch 11 of the sigma^2 =
+#: 0.04 fit (sigma^2 = 0.39 then); switching at 0.02 instead gave the same
+#: gaps (0.200 and 0.162 against 0.202 and 0.153, seeds 0 and 1).
+AUTO_SWITCH_FRACTION = 0.1
+
+#: Gauss-Newton steps per training step when a row's search starts from its
+#: previous epoch's mode (warm start) instead of the best prior node.
+ADAPTIVE_WARM_NEWTON_STEPS = 1
+
+
 class _MLEModel(torch.nn.Module):
-    """Decoder, noise variance and the training node sampler, trained together."""
+    """Decoder, noise variance and the training node sampler, trained together.
+
+    Besides the trained modules it carries the adaptive rule's training state,
+    as plain attributes (outside ``state_dict``, so best-epoch snapshots do not
+    copy it, and never stored on the fitted estimator): ``adaptive_sampler``
+    (the proposal's QMC normals, built when first needed), ``low_ess_rule``
+    (whether ``"auto"`` currently trains low-ESS rows adaptively) and
+    ``modes``, each training row's latest posterior mode (``(n_train, m)``,
+    NaN until visited) that warm-starts the next epoch's mode search.
+    """
 
     def __init__(
         self, decoder: torch.nn.Module, noise: NoiseVariance, sampler: PriorNodeSampler
@@ -75,6 +122,11 @@ class _MLEModel(torch.nn.Module):
         self.decoder = decoder
         self.noise = noise
         self.sampler = sampler
+        self.adaptive_sampler = (
+            sampler if isinstance(sampler, AdaptiveNodeSampler) else None
+        )
+        self.low_ess_rule = False
+        self.modes = None
 
 
 class NonlinearICAMLE(BaseNonlinearICA):
@@ -117,15 +169,24 @@ class NonlinearICAMLE(BaseNonlinearICA):
         (``benchmarks/bench_integration_rules.py``): ``"grid"`` when it gets
         at least 16 nodes per axis (``m <= 2`` at the default budget), where
         it is 10 to 100 times more accurate per node than QMC on the report's
-        generators, else ``"qmc"``.  ``"auto"`` never picks ``"adaptive"``
-        (not measured to pay off in training yet).  ``"adaptive"`` is
-        posterior-adapted importance sampling for small noise: per row and
-        step, the posterior mode of ``log p(x, z)`` is found by damped
-        Gauss-Newton steps from the best of the ``n_nodes`` prior nodes,
-        and 64 nodes are drawn from the defensive mixture ``0.5 N(mode, 4
-        H^{-1}) + 0.375 N(mu, 4 (C + H^{-1})) + 0.125 N(0, I)`` (``H = J^T J
-        / sigma^2 + I``; ``mu``, ``C`` the posterior moments under the prior
-        nodes), held fixed within the step; see the user guide.
+        generators, else ``"qmc"``; and it re-decides after every epoch
+        whether that prior rule is accurate enough.  When at least 10% of the
+        validation rows have an effective sample size below 5 over the
+        validation nodes (small noise; in the benchmark, once sigma^2 had
+        shrunk to about 0.4), the following epochs integrate each minibatch row
+        whose ESS over the training nodes is below 30 by the ``"adaptive"``
+        rule (the others keep the prior rule), until the fraction falls below
+        5%.  Without a validation split (``early_stopping=False``,
+        ``partial_fit``) it keeps the prior rule.  ``"adaptive"`` is
+        posterior-adapted importance sampling for small noise, for every row
+        and step: the posterior mode of ``log p(x, z)`` is found by damped
+        Gauss-Newton steps (3 from the best of the ``n_nodes`` prior nodes,
+        or 1 from the better of that node and the row's mode of the previous
+        epoch), and 64 nodes are drawn from the defensive mixture ``0.5
+        N(mode, 4 H^{-1}) + 0.375 N(mu, 4 (C + H^{-1})) + 0.125 N(0, I)``
+        (``H = J^T J / sigma^2 + I``; ``mu``, ``C`` the posterior moments
+        under the prior nodes), held fixed within the step; see the user
+        guide.  Adaptive training uses autograd whatever ``gradient`` says.
     n_nodes : int, default=1024
         Total number of training nodes; grid rules use ``round(n_nodes **
         (1/m))`` per axis.  With ``"adaptive"``, the nodes of the prior rule
@@ -141,8 +202,8 @@ class NonlinearICAMLE(BaseNonlinearICA):
         posterior-adapted nodes, started from its best evaluation node.  The
         decision is per row, so a row's result never depends on the others.
         The per-epoch validation score uses ``min(4 * n_nodes,
-        n_eval_nodes)`` such nodes (its low-ESS rows are refined adaptively
-        only when ``integration="adaptive"``).
+        n_eval_nodes)`` such nodes; its low-ESS rows are refined adaptively
+        (with 256 nodes) only while training is adaptive.
     grid_half_width : float, default=None
         Half-width ``l`` of the ``"grid"`` rule's box ``[-l, l]^m``.  ``None``
         scales it with the nodes per axis ``k`` as ``0.6 * sqrt(k)`` (the best
@@ -215,7 +276,11 @@ class NonlinearICAMLE(BaseNonlinearICA):
         One dict per epoch: ``epoch``, ``train_objective`` and
         ``train_log_likelihood`` (the epoch's average training
         log-likelihood), ``validation_log_likelihood`` (when held out),
-        ``noise_variance`` and ``seconds`` since the fit started.
+        ``noise_variance`` and ``seconds`` since the fit started; with a
+        validation split also ``low_ess_fraction`` (the fraction of
+        validation rows with ESS below 5, on which ``"auto"`` decides) and
+        ``adaptive_training`` (whether the epoch trained with the adaptive
+        rule).
     n_features_in_ : int
         Number of features seen during fit.
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
@@ -366,16 +431,17 @@ class NonlinearICAMLE(BaseNonlinearICA):
 
     def _training_loss(self, model, batch, *, generator, rows=None):
         if self.integration == "adaptive":
-            return self._adaptive_training_loss(model, batch)
+            return self._adaptive_training_loss(model, batch, rows)
         nodes, log_weights = model.sampler.draw()
         g = model.decoder(nodes)
+        if model.low_ess_rule:
+            return self._mixed_training_loss(
+                model, batch, nodes, log_weights, g, generator, rows
+            )
         log_marginal = GRADIENTS[self.gradient](batch, g, log_weights, model.noise())
         return -log_marginal.mean()
 
-    def _adaptive_training_loss(self, model, batch):
-        # The proposal is built without gradients and held fixed: p(x) =
-        # E_q[p(x, z) / q(z)] for any fixed q, so the estimate's gradient is
-        # the likelihood's, whatever the mode search converged to.
+    def _adaptive_training_loss(self, model, batch, rows):
         noise = model.noise()
         with torch.no_grad():
             start_nodes, start_log_weights = model.sampler.start_rule
@@ -386,37 +452,127 @@ class NonlinearICAMLE(BaseNonlinearICA):
                 start_log_weights,
                 noise,
             )
-        normals, counts = model.sampler.draw()
-        nodes, log_q, _ = adapted_proposal(
+        return -self._adaptive_log_marginal(model, batch, start, rows).mean()
+
+    def _mixed_training_loss(
+        self, model, batch, nodes, log_weights, g, generator, rows
+    ):
+        # "auto" once the validation rows say the prior rule is inaccurate:
+        # rows whose posterior weights over the training nodes have ESS below
+        # MIXED_ESS_THRESHOLD are integrated adaptively, the others keep the prior
+        # rule, whose nodes are decoded anyway.  Each row's estimate is valid
+        # on its own, so mixing them row by row keeps the loss a sum of
+        # log p(x_i) estimates.
+        noise = model.noise()
+        joint = log_joint_weights(batch, g, log_weights, noise)
+        log_marginal = torch.logsumexp(joint, dim=1)
+        with torch.no_grad():
+            log_posterior = joint - log_marginal[:, None]
+            ess = torch.exp(-torch.logsumexp(2 * log_posterior, dim=1))
+            low = (ess < MIXED_ESS_THRESHOLD).nonzero().squeeze(1)
+        if not len(low):
+            return -log_marginal.mean()
+        if model.adaptive_sampler is None:
+            model.adaptive_sampler = AdaptiveNodeSampler(
+                (nodes, log_weights),
+                self.n_components,
+                ADAPTIVE_TRAIN_NODES,
+                generator=generator,
+                dtype=batch.dtype,
+                device=batch.device,
+            )
+        start = prior_start(batch[low], nodes, g.detach(), log_weights, noise.detach())
+        adaptive = self._adaptive_log_marginal(
+            model, batch[low], start, None if rows is None else rows[low]
+        )
+        return -log_marginal.index_put((low,), adaptive).mean()
+
+    def _adaptive_log_marginal(self, model, batch, start, rows):
+        """Per-row adaptive estimate of ``log p(x)``; updates the mode cache.
+
+        The proposal is built without gradients and held fixed: p(x) =
+        E_q[p(x, z) / q(z)] for any fixed q, so the estimate's gradient is the
+        likelihood's, whatever the mode search converged to.  A row seen in an
+        earlier epoch starts from the better (in ``log p(x, z)``) of its cached
+        mode and its best prior node, and takes fewer Gauss-Newton steps.
+        """
+        noise = model.noise()
+        point, mean, covariance = start
+        n_steps = ADAPTIVE_TRAIN_NEWTON_STEPS
+        if rows is not None and ADAPTIVE_WARM_NEWTON_STEPS is not None:
+            with torch.no_grad():
+                point, warm = self._warm_start(model, batch, point, rows, noise)
+            if warm:
+                n_steps = ADAPTIVE_WARM_NEWTON_STEPS
+        normals, counts = model.adaptive_sampler.draw()
+        nodes, log_q, mode = adapted_proposal(
             batch,
             model.decoder,
             noise.detach(),
-            start,
+            (point, mean, covariance),
             normals,
             counts,
-            n_steps=ADAPTIVE_TRAIN_NEWTON_STEPS,
+            n_steps=n_steps,
         )
+        if rows is not None and model.modes is not None:
+            model.modes[rows] = mode
         log_w = importance_log_weights(batch, nodes, log_q, model.decoder, noise)
-        return -torch.logsumexp(log_w, dim=1).mean()
+        return torch.logsumexp(log_w, dim=1)
+
+    @staticmethod
+    def _warm_start(model, batch, point, rows, noise):
+        """Better of each row's cached mode and ``point``; whether all were cached."""
+        needed = int(rows.max()) + 1
+        if model.modes is None or model.modes.shape[0] < needed:
+            grown = batch.new_full((needed, point.shape[1]), math.nan)
+            if model.modes is not None:
+                grown[: model.modes.shape[0]] = model.modes
+            model.modes = grown
+        cached = model.modes[rows]
+        known = ~torch.isnan(cached).any(dim=1)
+        if not known.any():
+            return point, False
+        candidates = torch.stack([point, torch.where(known[:, None], cached, point)], 1)
+        values = log_joint(batch, candidates, model.decoder, noise.detach())
+        values = torch.nan_to_num(values, nan=-math.inf)
+        best = candidates[torch.arange(len(rows)), values.argmax(dim=1)]
+        return best, bool(known.all())
 
     def _epoch_scores(self, model, X_train, X_val, train_objective):
         scores = {"train_log_likelihood": train_objective}
         if X_val is not None:
             # A fixed node set (so epochs are comparable), 4x the training
             # budget: accurate enough to stop on, far cheaper than n_eval_nodes.
-            # Low-ESS rows are refined adaptively only when training is adaptive:
-            # early epochs flag many rows, and refining them every epoch tripled
-            # the default fit time at sigma^2 = 1 (7.9 s -> 21.7 s, relu).
+            # Low-ESS rows are refined adaptively only while training is
+            # adaptive: at sigma^2 = 1 (relu, n = 20) about half the rows have
+            # ESS < 30 in every epoch, though the grid is accurate for them, and
+            # refining them every epoch tripled the default fit time (7.9 s ->
+            # 21.7 s).
             n_nodes = min(VALIDATION_NODE_FACTOR * self.n_nodes, self.n_eval_nodes)
-            ll = self._evaluate(
+            refine = self.integration == "adaptive" or model.low_ess_rule
+            ll, _, _, _, ess = self._evaluate(
                 X_val,
                 model.decoder,
                 model.noise(),
                 n_nodes,
-                refine=self.integration == "adaptive",
+                refine=refine,
                 with_mean=False,
-            )[0]
+                with_ess=True,
+                n_adaptive_nodes=VALIDATION_ADAPTIVE_NODES,
+            )
             scores["validation_log_likelihood"] = float(ll.mean())
+            fraction = (
+                float((ess < AUTO_SWITCH_ESS).double().mean()) if len(ll) else 0.0
+            )
+            scores["low_ess_fraction"] = fraction
+            if self.integration == "auto":
+                # Re-decided every epoch, as sigma^2 shrinks (or grows), with
+                # hysteresis so that the rule does not flip at the threshold.
+                if fraction >= AUTO_SWITCH_FRACTION:
+                    model.low_ess_rule = True
+                elif fraction < AUTO_SWITCH_FRACTION / 2:
+                    model.low_ess_rule = False
+            scores["adaptive_training"] = refine
         return scores
 
     def _store_fitted(self, model):
@@ -447,7 +603,16 @@ class NonlinearICAMLE(BaseNonlinearICA):
 
     @torch.no_grad()
     def _evaluate(
-        self, x, decoder, noise_variance, n_nodes=None, *, refine=True, with_mean=True
+        self,
+        x,
+        decoder,
+        noise_variance,
+        n_nodes=None,
+        *,
+        refine=True,
+        with_mean=True,
+        with_ess=False,
+        n_adaptive_nodes=ADAPTIVE_EVAL_NODES,
     ):
         """Per-row ``log p(x)``, posterior mean and whether the row went adaptive.
 
@@ -473,10 +638,12 @@ class NonlinearICAMLE(BaseNonlinearICA):
                 mean.append(torch.exp(log_posterior) @ nodes)
             ess.append(torch.exp(-torch.logsumexp(2 * log_posterior, dim=1)))
         if not log_marginal:
-            return x.new_zeros(0), x.new_zeros((0, nodes.shape[1])), None, None
+            empty = (x.new_zeros(0), x.new_zeros((0, nodes.shape[1])), None, None)
+            return (*empty, x.new_zeros(0)) if with_ess else empty
         log_marginal = torch.cat(log_marginal)
         mean = torch.cat(mean) if with_mean else None
-        adaptive = torch.cat(ess) < ESS_THRESHOLD
+        ess = torch.cat(ess)
+        adaptive = ess < ESS_THRESHOLD
         rows = adaptive.nonzero().squeeze(1)
         # Chunked: the rows x nodes weights are the largest temporary.
         parts = [
@@ -490,7 +657,9 @@ class NonlinearICAMLE(BaseNonlinearICA):
             for j in range(3)
         )
         if refine and adaptive.any():
-            normals, counts = self._adaptive_normals(x.dtype, x.device)
+            normals, counts = self._adaptive_normals(
+                x.dtype, x.device, n_adaptive_nodes
+            )
             row_log_marginal, row_mean = adaptive_chunked(
                 x[rows],
                 decoder,
@@ -502,12 +671,14 @@ class NonlinearICAMLE(BaseNonlinearICA):
             log_marginal[rows] = row_log_marginal
             if with_mean:
                 mean[rows] = row_mean
+        if with_ess:
+            return log_marginal, mean, adaptive, start, ess
         return log_marginal, mean, adaptive, start
 
-    def _adaptive_normals(self, dtype, device):
+    def _adaptive_normals(self, dtype, device, n_nodes=ADAPTIVE_EVAL_NODES):
         normals, counts = proposal_normals(
             self.n_components,
-            ADAPTIVE_EVAL_NODES,
+            n_nodes,
             generator=torch.Generator().manual_seed(EVALUATION_SEED),
         )
         return normals.to(dtype=dtype, device=device), counts
