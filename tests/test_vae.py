@@ -518,3 +518,30 @@ def test_failed_warm_start_leaves_the_fitted_model_intact(relu_data):
     with pytest.raises(TrainingDivergedError, match="first epoch"):
         model.fit(X)
     np.testing.assert_array_equal(model.score_samples(X), before)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradient_clipping_matches_torch(scale, dtype):
+    from sknlica._vae import clip_gradient_norm
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(64, 20), (64,), (2, 64), (2,)]
+    grads = [scale * torch.randn(s, generator=generator, dtype=dtype) for s in shapes]
+    ours = [torch.nn.Parameter(torch.zeros(s, dtype=dtype)) for s in shapes]
+    theirs = [torch.nn.Parameter(torch.zeros(s, dtype=dtype)) for s in shapes]
+    for p, q, g in zip(ours, theirs, grads, strict=True):
+        p.grad, q.grad = g.clone(), g.clone()
+    ours[1].grad = None  # parameters without a gradient are skipped
+    theirs[1].grad = None
+    clip_gradient_norm(torch.optim.SGD(ours, lr=1.0), 10.0)
+    torch.nn.utils.clip_grad_norm_(theirs, 10.0)
+    for p, q in zip(ours, theirs, strict=True):
+        if q.grad is None:
+            assert p.grad is None
+        else:
+            torch.testing.assert_close(p.grad, q.grad)
+    total = torch.linalg.vector_norm(
+        torch.stack([p.grad.norm() for p in ours if p.grad is not None])
+    )
+    assert float(total) <= 10.0 * (1 + 1e-5)
