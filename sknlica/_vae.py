@@ -16,6 +16,7 @@ from sknlica._base import (
     uses_torch_threads,
 )
 from sknlica._torch.elbo import (
+    CHUNK_ELEMENTS,
     diagonal_normal_log_density,
     gaussian_log_likelihood,
     importance_sampled_log_likelihood,
@@ -31,7 +32,6 @@ from sknlica._torch.elbo import (
     vimco_iwae,
 )
 from sknlica._torch.integration import prior_rule
-from sknlica._torch.likelihood import CHUNK_ELEMENTS
 from sknlica._torch.networks import GaussianHead, NoiseVariance, make_mlp
 from sknlica._torch.posterior import mala
 

@@ -233,7 +233,7 @@ def _can_reset_peak_memory():
     "estimator, extra",
     [
         # Enough evaluation nodes that the validation pass works in chunks of
-        # its fixed size (2**22 entries) at both sizes.
+        # their fixed size (sknlica._torch.likelihood.CHUNK_ELEMENTS) at both sizes.
         ("NonlinearICAMLE", "n_nodes=256, n_eval_nodes=1024"),
         ("NonlinearICAVAE", "n_importance_samples=2"),
     ],

@@ -35,8 +35,10 @@ Decode = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 LOG_2PI = math.log(2 * math.pi)
 
 #: Entries of the largest ``draws x rows x width`` temporary when evaluating
-#: the importance-sampling estimate in chunks (as in ``likelihood.py``).
-CHUNK_ELEMENTS = 2**22
+#: the importance-sampling estimate in chunks (as in ``likelihood.py``).  The
+#: VAE's per-epoch monitor (500 rows x 64 draws x width 64) took 24 ms with
+#: 2**22, 8 ms here (cache-sized temporaries), 9 ms with 2**18.
+CHUNK_ELEMENTS = 2**20
 
 
 # ------------------------------------------------------------- densities

@@ -19,7 +19,9 @@ import math
 import torch
 
 #: Entries of the largest ``rows x nodes`` temporary when evaluating in chunks.
-CHUNK_ELEMENTS = 2**22
+#: Small enough to stay in cache: the validation pass of a default fit (500
+#: rows x 4,096 nodes) took 32 ms with 2**22, 22 ms with 2**20, 20 ms here.
+CHUNK_ELEMENTS = 2**18
 
 
 def squared_distances(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
