@@ -625,37 +625,39 @@ class NonlinearICAMLE(BaseNonlinearICA):
         adaptive rows only.
         """
         nodes, log_weights, g = self._decoded_nodes(x, decoder, n_nodes)
-        log_marginal, mean, ess = [], [], []
+        n_rows, m = x.shape[0], nodes.shape[1]
+        if n_rows == 0:
+            empty = (x.new_zeros(0), x.new_zeros((0, m)), None, None)
+            return (*empty, x.new_zeros(0)) if with_ess else empty
+        # Outputs are preallocated and filled chunk by chunk: lists of small
+        # per-chunk results interleaved with the large temporaries pinned
+        # glibc's heap, and a validation pass over 100k rows grew the process
+        # by 1.9 GB (benchmarks/bench_scaling.py).
+        log_marginal = x.new_empty(n_rows)
+        mean = x.new_empty((n_rows, m)) if with_mean else None
+        ess = x.new_empty(n_rows)
         step = chunk_rows(g.shape[0], CHUNK_ELEMENTS)
-        for first in range(0, x.shape[0], step):
-            joint = log_joint_weights(
-                x[first : first + step], g, log_weights, noise_variance
-            )
+        for first in range(0, n_rows, step):
+            chunk = slice(first, first + step)
+            joint = log_joint_weights(x[chunk], g, log_weights, noise_variance)
             row_log_marginal = torch.logsumexp(joint, dim=1)
             log_posterior = joint - row_log_marginal[:, None]
-            log_marginal.append(row_log_marginal)
+            log_marginal[chunk] = row_log_marginal
             if with_mean:
-                mean.append(torch.exp(log_posterior) @ nodes)
-            ess.append(torch.exp(-torch.logsumexp(2 * log_posterior, dim=1)))
-        if not log_marginal:
-            empty = (x.new_zeros(0), x.new_zeros((0, nodes.shape[1])), None, None)
-            return (*empty, x.new_zeros(0)) if with_ess else empty
-        log_marginal = torch.cat(log_marginal)
-        mean = torch.cat(mean) if with_mean else None
-        ess = torch.cat(ess)
+                mean[chunk] = torch.exp(log_posterior) @ nodes
+            ess[chunk] = torch.exp(-torch.logsumexp(2 * log_posterior, dim=1))
         adaptive = ess < ESS_THRESHOLD
         rows = adaptive.nonzero().squeeze(1)
-        # Chunked: the rows x nodes weights are the largest temporary.
-        parts = [
-            prior_start(x[chunk], nodes, g, log_weights, noise_variance)
-            for chunk in rows.split(step)
-        ]
-        start = tuple(
-            torch.cat([part[j] for part in parts])
-            if parts
-            else x.new_zeros((0,) + (nodes.shape[1],) * (1 + (j == 2)))
-            for j in range(3)
+        start = (
+            x.new_empty((len(rows), m)),
+            x.new_empty((len(rows), m)),
+            x.new_empty((len(rows), m, m)),
         )
+        for first in range(0, len(rows), step):
+            chunk = slice(first, first + step)
+            parts = prior_start(x[rows[chunk]], nodes, g, log_weights, noise_variance)
+            for out, part in zip(start, parts, strict=True):
+                out[chunk] = part
         if refine and adaptive.any():
             normals, counts = self._adaptive_normals(
                 x.dtype, x.device, n_adaptive_nodes

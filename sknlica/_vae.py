@@ -623,17 +623,17 @@ class NonlinearICAVAE(BaseNonlinearICA):
         """Per-row importance-sampled ``log p(x)`` and ELBO with draws ``eps``."""
         width = max((x.shape[1], *tuple(self.hidden_layer_sizes)))
         # Encode in row chunks too, so memory stays flat in the number of rows.
-        rows = max(1, CHUNK_ELEMENTS // (eps.shape[0] * width))
-        log_px, elbo = [], []
+        step = max(1, CHUNK_ELEMENTS // (eps.shape[0] * width))
+        # Preallocated outputs: see sknlica._torch.likelihood.log_marginal_chunked.
+        log_px, elbo = x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
         with torch.no_grad():
-            for chunk in x.split(rows):
-                mean, log_var = model.encode(chunk)
-                chunk_log_px, chunk_elbo = importance_sampled_log_likelihood(
-                    chunk, mean, log_var, model.decode, eps, width=width
+            for first in range(0, x.shape[0], step):
+                rows = slice(first, first + step)
+                mean, log_var = model.encode(x[rows])
+                log_px[rows], elbo[rows] = importance_sampled_log_likelihood(
+                    x[rows], mean, log_var, model.decode, eps, width=width
                 )
-                log_px.append(chunk_log_px)
-                elbo.append(chunk_elbo)
-        return torch.cat(log_px), torch.cat(elbo)
+        return log_px, elbo
 
     @staticmethod
     def _mean_head_variance(model, x):

@@ -356,7 +356,9 @@ def adaptive_chunked(
     posterior_mean : Tensor of shape (B, m)
     """
     step = max(1, max_points // normals.shape[0])
-    log_marginals, means = [], []
+    # Preallocated outputs (see likelihood.log_marginal_chunked for why).
+    log_marginals = x.new_empty(x.shape[0])
+    means = x.new_empty((x.shape[0], normals.shape[1]))
     for first in range(0, x.shape[0], step):
         rows = slice(first, first + step)
         nodes, log_q, _ = adapted_proposal(
@@ -370,11 +372,9 @@ def adaptive_chunked(
             scale=scale,
         )
         log_w = importance_log_weights(x[rows], nodes, log_q, decoder, noise_variance)
-        log_marginals.append(torch.logsumexp(log_w, dim=1))
-        means.append(torch.einsum("bk,bkm->bm", torch.softmax(log_w, dim=1), nodes))
-    if not log_marginals:
-        return x.new_zeros(0), x.new_zeros((0, normals.shape[1]))
-    return torch.cat(log_marginals), torch.cat(means)
+        log_marginals[rows] = torch.logsumexp(log_w, dim=1)
+        means[rows] = torch.einsum("bk,bkm->bm", torch.softmax(log_w, dim=1), nodes)
+    return log_marginals, means
 
 
 @torch.no_grad()

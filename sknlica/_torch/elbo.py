@@ -235,7 +235,9 @@ def importance_sampled_log_likelihood(
     rows_per_chunk = max(1, max_elements // (n_draws * width))
     draws_per_chunk = max(1, min(n_draws, max_elements // width))
     kl = kl_to_standard_normal(mean, log_var)
-    log_px, mean_log_lik = [], []
+    # Preallocated outputs: see sknlica._torch.likelihood.log_marginal_chunked.
+    log_px = x.new_empty(x.shape[0])
+    mean_log_lik = x.new_empty(x.shape[0])
     for start in range(0, x.shape[0], rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
         lse, total = [], 0.0
@@ -247,6 +249,6 @@ def importance_sampled_log_likelihood(
             )
             lse.append(torch.logsumexp(log_w, 0))
             total = total + log_lik.sum(0)
-        log_px.append(torch.logsumexp(torch.stack(lse), 0) - math.log(n_draws))
-        mean_log_lik.append(total / n_draws)
-    return torch.cat(log_px), torch.cat(mean_log_lik) - kl
+        log_px[rows] = torch.logsumexp(torch.stack(lse), 0) - math.log(n_draws)
+        mean_log_lik[rows] = total / n_draws
+    return log_px, mean_log_lik - kl

@@ -174,11 +174,15 @@ def log_marginal_chunked(
     depend on the chunking.
     """
     step = chunk_rows(g.shape[0], max_elements)
-    chunks = [
-        log_marginal_autograd(x[start : start + step], g, log_weights, noise_variance)
-        for start in range(0, x.shape[0], step)
-    ]
-    return torch.cat(chunks) if chunks else x.new_zeros(0)
+    # Written into a preallocated output: a list of small per-chunk results
+    # interleaved with the large temporaries pins glibc's heap, and the
+    # process grew by about a chunk's temporaries per chunk (see
+    # tests/test_scale.py).
+    out = x.new_empty(x.shape[0])
+    for start in range(0, x.shape[0], step):
+        rows = slice(start, start + step)
+        out[rows] = log_marginal_autograd(x[rows], g, log_weights, noise_variance)
+    return out
 
 
 @torch.no_grad()
@@ -193,10 +197,9 @@ def posterior_mean_chunked(
 ) -> torch.Tensor:
     """``E[z | x_i] ~= sum_j W_ij z_j`` with the posterior weights of each row."""
     step = chunk_rows(g.shape[0], max_elements)
-    out = []
+    out = x.new_empty((x.shape[0], nodes.shape[1]))  # preallocated, as above
     for start in range(0, x.shape[0], step):
-        log_joint = log_joint_weights(
-            x[start : start + step], g, log_weights, noise_variance
-        )
-        out.append(torch.softmax(log_joint, dim=1) @ nodes)
-    return torch.cat(out) if out else x.new_zeros((0, nodes.shape[1]))
+        rows = slice(start, start + step)
+        log_joint = log_joint_weights(x[rows], g, log_weights, noise_variance)
+        out[rows] = torch.softmax(log_joint, dim=1) @ nodes
+    return out
