@@ -50,6 +50,9 @@ bench: $(VENV)/.extras-test
 	$(PY) benchmarks/bench_integration_rules.py
 	$(PY) benchmarks/bench_mle.py
 	$(PY) benchmarks/bench_vae.py
+	$(PY) benchmarks/bench_adaptive.py
+	$(PY) benchmarks/bench_performance.py
+	$(PY) benchmarks/bench_scaling.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
