@@ -4,6 +4,7 @@ memory of a fresh subprocess, per-epoch times from ``history_``)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -218,3 +219,20 @@ class QuietWaiter:
             self.waited_s += 1.25
             busy = busy_cpus()
         return busy
+
+
+def benchmark_parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """The options shared by bench_performance.py and bench_scaling.py."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each measurement wait for other jobs to use < 0.3 CPUs, "
+        "up to SECONDS in total (default 0: measure whatever the load is)",
+    )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    return parser

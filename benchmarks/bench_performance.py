@@ -47,7 +47,6 @@ with ``--quick``).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import inspect
@@ -61,6 +60,7 @@ import numpy as np
 import torch
 from _common import (
     QuietWaiter,
+    benchmark_parser,
     child_result,
     current_rss_mib,
     epoch_seconds,
@@ -1196,20 +1196,7 @@ def _explanation(out: dict) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="smoke test of every section (< 2 min)"
-    )
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    parser.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="before each measurement wait for other jobs to use < 0.3 CPUs, "
-        "up to SECONDS in total (default 0: measure whatever the load is)",
-    )
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser = benchmark_parser(__doc__, "smoke test of every section (< 2 min)")
     args = parser.parse_args()
     if args.child:
         config = json.loads(args.child)

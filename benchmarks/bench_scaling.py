@@ -34,7 +34,6 @@ Run: ``python benchmarks/bench_scaling.py [--quick] [--threads T]
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import math
@@ -46,6 +45,7 @@ import numpy as np
 import torch
 from _common import (
     QuietWaiter,
+    benchmark_parser,
     child_result,
     current_rss_mib,
     epoch_seconds,
@@ -271,20 +271,7 @@ def render(rows: list[dict], settings: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="three small configurations (< 2 min)"
-    )
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    parser.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="before each configuration wait for other jobs to use < 0.3 "
-        "CPUs, up to SECONDS in total (default 0: measure whatever the load is)",
-    )
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser = benchmark_parser(__doc__, "three small configurations (< 2 min)")
     args = parser.parse_args()
     if args.child:
         child_result(child(json.loads(args.child)))
