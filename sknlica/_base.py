@@ -35,6 +35,7 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted, validate_data
 from tqdm.auto import tqdm
 
+from sknlica._torch.averaging import ParameterAverage
 from sknlica._torch.networks import ACTIVATIONS
 
 #: Noise-variance floor when sigma^2 is learned, relative to the mean feature
@@ -158,6 +159,7 @@ class BaseNonlinearICA(
         "early_stopping": ["boolean"],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
         "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
+        "ema_decay": [Interval(Real, 0, 1, closed="left")],
         "n_init": [Interval(Integral, 1, None, closed="left")],
         "warm_start": ["boolean"],
         "device": [StrOptions({"cpu", "cuda", "auto"})],
@@ -317,7 +319,8 @@ class BaseNonlinearICA(
         call (or the first after ``fit`` with ``warm_start=False`` replaced
         the model) initialises the model; each later call continues it, with
         the optimizer's state carried over.  There is no validation split,
-        early stopping or learning-rate decay: each call makes one pass over
+        early stopping, learning-rate decay or parameter averaging
+        (``ema_decay``): each call makes one pass over
         ``X`` in minibatches of ``batch_size`` and appends one entry to
         ``history_``.  A call whose loss becomes non-finite raises
         :class:`TrainingDivergedError` and leaves the previous fitted model
@@ -439,6 +442,7 @@ class BaseNonlinearICA(
 
     def _train(self, model, X_train, X_val, generator) -> dict:
         optimizers = self._make_optimizers(model)
+        average = ParameterAverage(model, self.ema_decay) if self.ema_decay else None
         score_key = self._val_score_key if X_val is not None else self._train_score_key
         history: list[dict] = []
         best_score, best_state, best_epoch = -math.inf, None, 0
@@ -454,19 +458,27 @@ class BaseNonlinearICA(
             for epoch in bar:
                 self._begin_epoch(model, epoch)
                 train_loss = self._run_epoch(
-                    model, optimizers, X_train, generator, pass_rows=True
+                    model,
+                    optimizers,
+                    X_train,
+                    generator,
+                    pass_rows=True,
+                    average=average,
                 )
                 if not math.isfinite(train_loss) or not _is_finite(model):
                     failure = epoch + 1
                     break
                 model.eval()
-                with torch.no_grad():
+                # Scored, selected and kept: the averaged parameters.
+                with torch.no_grad(), _averaged(average):
                     entry = {"epoch": epoch + 1, "train_objective": -train_loss}
                     entry.update(self._epoch_scores(model, X_train, X_val, -train_loss))
                     entry["noise_variance"] = float(model.noise())
+                    score = entry[score_key]
+                    if score > best_score:
+                        best_state = copy.deepcopy(model.state_dict())
                 entry["seconds"] = time.perf_counter() - start
                 history.append(entry)
-                score = entry[score_key]
                 bar.set_postfix({score_key: f"{score:.4f}"})
                 if score > best_score + self.tol:
                     no_improvement = 0
@@ -476,7 +488,6 @@ class BaseNonlinearICA(
                         _scale_learning_rates(optimizers, LEARNING_RATE_DECAY)
                 if score > best_score:
                     best_score, best_epoch = score, epoch + 1
-                    best_state = copy.deepcopy(model.state_dict())
                 if no_improvement >= self.n_iter_no_change:
                     converged = True
                     break
@@ -505,9 +516,19 @@ class BaseNonlinearICA(
         }
 
     def _run_epoch(
-        self, model, optimizers, rows: TrainingRows, generator, *, pass_rows=False
+        self,
+        model,
+        optimizers,
+        rows: TrainingRows,
+        generator,
+        *,
+        pass_rows=False,
+        average: ParameterAverage | None = None,
     ) -> float:
-        """One shuffled pass of minibatch steps; returns the mean loss."""
+        """One shuffled pass of minibatch steps; returns the mean loss.
+
+        ``average``, when given, is updated after every step.
+        """
         model.train()
         n_rows = len(rows)
         batch_size = min(self.batch_size, n_rows)
@@ -526,6 +547,8 @@ class BaseNonlinearICA(
                 generator,
                 rows=positions if pass_rows else None,
             )
+            if average is not None:
+                average.update()
             n_batches += 1
         return (total / n_batches).item()
 
@@ -694,6 +717,11 @@ class BaseNonlinearICA(
 def _mean_feature_variance(data: torch.Tensor) -> float:
     """Mean per-feature variance (1 for constant data), without a copy of ``data``."""
     return float(data.var(dim=0, unbiased=False).mean()) or 1.0
+
+
+def _averaged(average: ParameterAverage | None):
+    """``average.applied()``, or a no-op without averaging."""
+    return average.applied() if average is not None else contextlib.nullcontext()
 
 
 def _state_to_cpu(state):

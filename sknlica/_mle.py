@@ -242,6 +242,13 @@ class NonlinearICAMLE(BaseNonlinearICA):
         Fraction of rows held out when ``early_stopping=True``.
     n_iter_no_change : int, default=10
         Epochs without improvement of more than ``tol`` before stopping.
+    ema_decay : float, default=0.998
+        Decay of the exponential moving average of the parameters (Polyak
+        averaging) that ``fit`` scores every epoch, selects and keeps; ``0``
+        keeps the raw iterates.  The average spans about the last ``1 / (1 -
+        ema_decay)`` minibatch steps (500), fewer early in training.  It
+        removes the optimiser's jitter, which grows as ``sigma^2`` shrinks
+        (see the user guide).  ``partial_fit`` does not average.
     n_init : int, default=1
         Number of initialisations; the best (highest monitored score) is kept.
     warm_start : bool, default=False
@@ -280,7 +287,9 @@ class NonlinearICAMLE(BaseNonlinearICA):
         validation split also ``low_ess_fraction`` (the fraction of
         validation rows with ESS below 5, on which ``"auto"`` decides) and
         ``adaptive_training`` (whether the epoch trained with the adaptive
-        rule).
+        rule).  ``validation_log_likelihood`` and ``low_ess_fraction`` are of
+        the averaged parameters (``ema_decay``), the training entries of the
+        raw iterates.
     n_features_in_ : int
         Number of features seen during fit.
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
@@ -338,6 +347,7 @@ class NonlinearICAMLE(BaseNonlinearICA):
         early_stopping=True,
         validation_fraction=0.1,
         n_iter_no_change=10,
+        ema_decay=0.998,
         n_init=1,
         warm_start=False,
         device="cpu",
@@ -365,6 +375,7 @@ class NonlinearICAMLE(BaseNonlinearICA):
         self.early_stopping = early_stopping
         self.validation_fraction = validation_fraction
         self.n_iter_no_change = n_iter_no_change
+        self.ema_decay = ema_decay
         self.n_init = n_init
         self.warm_start = warm_start
         self.device = device
