@@ -51,6 +51,7 @@ bench: $(VENV)/.extras-test
 	$(PY) benchmarks/bench_mle.py
 	$(PY) benchmarks/bench_vae.py
 	$(PY) benchmarks/bench_adaptive.py
+	$(PY) benchmarks/bench_small_noise.py
 	$(PY) benchmarks/bench_performance.py
 	$(PY) benchmarks/bench_scaling.py
 
