@@ -55,6 +55,7 @@ import math
 import os
 import time
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -505,20 +506,35 @@ def _epoch_bookkeeping(model, losses):
     }
 
 
+def _breakdown_start(kind: str, config, X, *, reps: int) -> SimpleNamespace:
+    """What both breakdowns start from: the estimator's training objects and
+    ``out``, holding ``config`` and the paired step timings."""
+    x = torch.from_numpy(X)
+    estimator_class, params = estimator_for(kind, config)
+    estimator = estimator_class(**estimator_params(estimator_class, 1, **params))
+    model, optimizers, est_step = _training_objects(estimator, x)
+    torch.manual_seed(0)
+    min_step = minimal_for(kind, x, config)
+    batches = _batches(x)
+    return SimpleNamespace(
+        x=x,
+        steps_per_epoch=math.ceil(x.shape[0] / BATCH),
+        estimator=estimator,
+        model=model,
+        optimizers=optimizers,
+        est_step=est_step,
+        batches=batches,
+        out={**config, **_paired_steps(est_step, min_step, batches, reps)},
+    )
+
+
 def mle_breakdown(config, X, *, reps: int) -> dict:
     """Microbenchmarks of each cost the estimator has beyond the minimal loop."""
     from sknlica._torch.likelihood import GRADIENTS
 
-    x = torch.from_numpy(X)
-    steps_per_epoch = math.ceil(x.shape[0] / BATCH)
-    estimator_class, params = estimator_for("mle", config)
-    estimator = estimator_class(**estimator_params(estimator_class, 1, **params))
-    model, _, est_step = _training_objects(estimator, x)
-    torch.manual_seed(0)
-    min_step = minimal_for("mle", x, config)
-    batches = _batches(x)
-    out = {**config}
-    out.update(_paired_steps(est_step, min_step, batches, reps))
+    start = _breakdown_start("mle", config, X, reps=reps)
+    x, model, batches, out = start.x, start.model, start.batches, start.out
+    steps_per_epoch = start.steps_per_epoch
     # Node draw: the estimator's sampler against the minimal loop's.
     if config["rule"] in FRESH_RULES:
         draws = paired_per_call_us(
@@ -568,16 +584,10 @@ def mle_breakdown(config, X, *, reps: int) -> dict:
 def vae_breakdown(config, X, *, reps: int) -> dict:
     from sknlica._torch.elbo import soft_clamp
 
-    x = torch.from_numpy(X)
-    steps_per_epoch = math.ceil(x.shape[0] / BATCH)
-    estimator_class, params = estimator_for("vae", config)
-    estimator = estimator_class(**estimator_params(estimator_class, 1, **params))
-    model, optimizers, est_step = _training_objects(estimator, x)
-    torch.manual_seed(0)
-    min_step = minimal_for("vae", x, config)
-    batches = _batches(x)
-    out = {**config}
-    out.update(_paired_steps(est_step, min_step, batches, reps))
+    start = _breakdown_start("vae", config, X, reps=reps)
+    x, model, batches, out = start.x, start.model, start.batches, start.out
+    estimator, optimizers, est_step = start.estimator, start.optimizers, start.est_step
+    steps_per_epoch = start.steps_per_epoch
     # Gradient clipping as the estimator does it (after a backward, so the
     # gradients exist): its own clip where it has one, else torch's.
     est_step(batches[0])
