@@ -13,10 +13,13 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from sknlica import NonlinearICAMLE
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -236,3 +239,22 @@ def benchmark_parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser
+
+
+def quiet_fit(model, X):
+    """``model.fit(X)`` without the ConvergenceWarning of short fits."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model.fit(X)
+
+
+def mle_with_decoder(decoder, noise_variance: float, X) -> NonlinearICAMLE:
+    """A fitted ``NonlinearICAMLE`` (one epoch on ``X``, for the fitted
+    attributes) whose decoder and sigma^2 are replaced: scores any decoder,
+    such as the true generator's, with the estimator's accurate rules."""
+    model = quiet_fit(
+        NonlinearICAMLE(max_iter=1, early_stopping=False, random_state=0), X
+    )
+    model.decoder_ = decoder
+    model.noise_variance_ = noise_variance
+    return model

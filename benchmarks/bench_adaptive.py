@@ -30,7 +30,7 @@ import warnings
 
 import numpy as np
 import torch
-from _common import markdown_table, write_results
+from _common import markdown_table, mle_with_decoder, write_results
 from sklearn.exceptions import ConvergenceWarning
 
 from sknlica import NonlinearICAMLE, NonlinearICAVAE
@@ -89,10 +89,9 @@ def accuracy_rows() -> list[dict]:
                 row[f"adaptive {n_nodes} ms/row"] = (
                     1e3 * (time.perf_counter() - began) / N_ROWS
                 )
-            model = NonlinearICAMLE(max_iter=1, early_stopping=False, random_state=0)
-            model.fit(X)
-            model.decoder_ = mixing.to_torch_module().requires_grad_(False)
-            model.noise_variance_ = sigma**2
+            model = mle_with_decoder(
+                mixing.to_torch_module().requires_grad_(False), sigma**2, X
+            )
             row["score_samples"] = float(
                 np.abs(model.score_samples(X) - reference.numpy()).mean()
             )
@@ -112,10 +111,9 @@ def fit_rows(noise_variances, n_train=5000, n_test=2000, max_iter=200) -> list[d
             return_mixing=True,
         )
         train, test = X[:n_train], X[n_train:]
-        truth = NonlinearICAMLE(max_iter=1, early_stopping=False, random_state=0)
-        truth.fit(train[:200])
-        truth.decoder_ = mixing.to_torch_module().requires_grad_(False)
-        truth.noise_variance_ = noise_variance
+        truth = mle_with_decoder(
+            mixing.to_torch_module().requires_grad_(False), noise_variance, train[:200]
+        )
         true_score = truth.score(test)
         for method in METHODS:
             if method == "vae":

@@ -32,11 +32,10 @@ from __future__ import annotations
 import math
 import os
 import time
-import warnings
 
 import numpy as np
 import torch
-from _common import markdown_table, write_results
+from _common import markdown_table, mle_with_decoder, quiet_fit, write_results
 
 from sknlica import NonlinearICAMLE, NonlinearICAVAE
 from sknlica.datasets import make_nonlinear_ica
@@ -60,22 +59,8 @@ def make_problem(noise_variance: float):
     return X[:N_TRAIN], X[N_TRAIN:], Z[N_TRAIN:], mixing
 
 
-def scorer_with(decoder, noise_variance: float, rows) -> NonlinearICAMLE:
-    """A fitted ``NonlinearICAMLE`` whose decoder and sigma^2 are replaced."""
-    model = quiet_fit(NonlinearICAMLE(max_iter=1, early_stopping=False), rows)
-    model.decoder_ = decoder
-    model.noise_variance_ = noise_variance
-    return model
-
-
-def quiet_fit(model, X):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ConvergenceWarning of short fits
-        return model.fit(X)
-
-
 def gaps(decoder, noise_variance, truth, train, test, test_latents=None) -> dict:
-    scored = scorer_with(decoder, noise_variance, train[:200])
+    scored = mle_with_decoder(decoder, noise_variance, train[:200])
     train_gap = truth.score(train) - scored.score(train)
     per_row = truth.score_samples(test) - scored.score_samples(test)
     result = {
@@ -95,7 +80,7 @@ def decomposition_rows() -> list[dict]:
     rows = []
     for noise_variance in (1.0, 0.04):
         train, test, latents, mixing = make_problem(noise_variance)
-        truth = scorer_with(
+        truth = mle_with_decoder(
             mixing.to_torch_module().requires_grad_(False), noise_variance, train[:200]
         )
         for estimator in (NonlinearICAMLE, NonlinearICAVAE):
@@ -149,7 +134,7 @@ def true_generator_in_default_decoder(mixing) -> torch.nn.Module:
 def noise_floor_rows() -> list[dict]:
     noise_variance = 0.04
     train, test, _, mixing = make_problem(noise_variance)
-    truth = scorer_with(
+    truth = mle_with_decoder(
         mixing.to_torch_module().requires_grad_(False), noise_variance, train[:200]
     )
     rows = []
