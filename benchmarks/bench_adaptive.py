@@ -18,7 +18,8 @@ to the adaptive rule keeps it accurate at small noise), the fitted sigma^2,
 the epochs and the fit time.  Torch runs on one thread
 (``torch.set_num_threads(1)``), the fits one after another.
 
-Run: ``python benchmarks/bench_adaptive.py [--quick]``.
+Run: ``python benchmarks/bench_adaptive.py [--quick]`` (``--quick`` writes
+``results/adaptive_quick.*``, leaving the full results alone).
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ def main() -> None:
             )
             + "{:.2f}, {:.2f}, {:.2f} after it.".format(*load_after)
         )
-    write_results("adaptive", payload, markdown)
+    write_results("adaptive_quick" if args.quick else "adaptive", payload, markdown)
 
 
 if __name__ == "__main__":
