@@ -1,12 +1,14 @@
-"""Shared scikit-learn plumbing for the nonlinear ICA estimators.
+"""Shared scikit-learn plumbing of the nonlinear ICA estimators.
 
-:class:`BaseNonlinearICA` owns everything that does not depend on how the
-marginal likelihood is approximated: parameter validation, seeding, dtype and
-device handling, the minibatch training loop with early stopping, ``n_init``
-restarts, the per-epoch ``history_``, fault handling (non-finite losses,
-``KeyboardInterrupt``), and pickling to CPU state.  Subclasses fill in four
-named steps: ``_build_model``, ``_training_loss``, ``_epoch_scores`` and
-``_store_fitted``.
+:class:`BaseNonlinearICA` owns everything that does not depend on how
+``log p(x)`` is approximated: the shared parameters (``__init__``, their
+constraints and their documentation), validation, seeding, dtype and device,
+ONE ``_fit`` behind ``fit`` and ``partial_fit`` (restarts, warm starts,
+fault handling, ``history_``), warnings that point at the caller's line,
+``sample``, ``inverse_transform`` and pickling.  It holds no numerics: the
+training loop is :func:`sknlica._torch.training.train`, and a subclass fills
+in four named steps (``_build_model``, ``_make_objective``,
+``_parameter_blocks``, ``_store_extra``) plus its own inference methods.
 """
 
 from __future__ import annotations
@@ -14,13 +16,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 import math
-import time
+import os
+import sys
 import warnings
 from abc import ABCMeta, abstractmethod
 from numbers import Integral, Real
+from pathlib import Path
 
 import numpy as np
+import sklearn
 import torch
 from sklearn.base import (
     BaseEstimator,
@@ -29,28 +35,121 @@ from sklearn.base import (
     _fit_context,
 )
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.utils import check_random_state
+from sklearn.utils import check_array, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted, validate_data
-from tqdm.auto import tqdm
 
-from sknlica._torch.averaging import ParameterAverage
-from sknlica._torch.networks import ACTIVATIONS
+from sknlica._torch.networks import ACTIVATIONS, NoiseVariance, make_mlp
+from sknlica._torch.training import (
+    TrainingRows,
+    TrainingRun,
+    TrainingSettings,
+    make_optimizer,
+    mean_feature_variance,
+    state_to_cpu,
+    train,
+    training_tensor,
+)
 
 #: Noise-variance floor when sigma^2 is learned, relative to the mean feature
 #: variance of the training data (absolute when the features are constant).
 NOISE_VARIANCE_FLOOR = 1e-6
 
+#: ``partial_fit`` call ``k`` seeds its generator with a draw from
+#: ``random_state`` plus this times the epochs already trained, so every call
+#: gets its own stream, reproducibly for an integer seed.
+PARTIAL_FIT_SEED_STRIDE = 7919
 
-#: Learning rates are multiplied by this after every ``n_iter_no_change // 2``
-#: epochs without improvement (a plateau schedule, as ReduceLROnPlateau), so
-#: the last epochs refine rather than oscillate.
-LEARNING_RATE_DECAY = 0.5
+_DIVERGENCE_ADVICE = (
+    "Try a smaller learning_rate_init, float64 input, standardising X, or a "
+    "larger initial noise_variance."
+)
+
+#: Documentation of the parameters every estimator shares, inserted where a
+#: subclass docstring says ``{shared_parameters}``.
+SHARED_PARAMETERS_DOC = """\
+    batch_size : int, default=128
+        Minibatch size (clipped to the number of training rows).
+    max_iter : int, default=200
+        Maximum number of epochs.
+    tol : float, default=1e-3
+        Improvement in nats per sample of the monitored score below which an
+        epoch counts as no improvement.
+    early_stopping : bool, default=True
+        Hold out ``validation_fraction`` of the data, monitor its
+        log-likelihood (as :meth:`score` estimates it), and keep the best
+        epoch's model.  When ``False`` the training log-likelihood is
+        monitored.
+    validation_fraction : float, default=0.1
+        Fraction of rows held out when ``early_stopping=True``.
+    n_iter_no_change : int, default=10
+        Epochs without improvement of more than ``tol`` before stopping; the
+        learning rate halves after every half of that.
+    ema_decay : float, default=0.998
+        Decay of the exponential moving average of the parameters (Polyak
+        averaging) that ``fit`` scores every epoch, selects and keeps; ``0``
+        keeps the raw iterates.  The average spans about the last ``1 / (1 -
+        ema_decay)`` minibatch steps (500), fewer early in training; it
+        removes the optimiser's jitter, which grows as ``sigma^2`` shrinks
+        (see the user guide).  ``partial_fit`` does not average.
+    n_init : int, default=1
+        Number of initialisations; the best (highest monitored score) is kept.
+    warm_start : bool, default=False
+        Continue from the previous fit's parameters (with fresh optimiser
+        state; schedules such as a KL warm-up continue rather than restart).
+    device : {"cpu", "cuda", "auto"}, default="cpu"
+        Where training runs.  ``"cuda"`` falls back to the CPU with a warning
+        when no GPU is present; fitted modules are always stored on the CPU.
+    n_threads : int, default=None
+        Torch intra-op threads used inside ``fit``, ``partial_fit`` and every
+        inference method, restored afterwards; ``None`` keeps torch's setting.
+        In ``GridSearchCV(n_jobs=k)`` on ``c`` cores, ``n_threads=c // k``
+        avoids oversubscription (see the user guide's performance page).
+    verbose : int, default=0
+        Show a progress bar with the current score.
+    random_state : int, RandomState instance or None, default=None
+        Seeds initialisation, shuffling, the validation split and every
+        training draw through a private ``torch.Generator``; global RNGs are
+        untouched.  Evaluation uses fixed nodes and draws, independent of it."""
+
+#: Documentation of the fitted attributes every estimator shares, inserted
+#: where a subclass docstring says ``{shared_attributes}``.
+SHARED_ATTRIBUTES_DOC = """\
+    n_iter_ : int
+        Epochs run (by ``partial_fit``: calls made).
+    converged_ : bool
+        Whether the stopping rule fired before ``max_iter``.
+    best_epoch_ : int
+        Epoch whose parameters were kept.
+    n_features_in_ : int
+        Number of features seen during fit.
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
+        Names of features seen during fit, when ``X`` has string column names."""
 
 
 class TrainingDivergedError(FloatingPointError):
     """Training produced a non-finite loss; the best finite model was kept."""
+
+
+_INTERNAL_PREFIXES = tuple(
+    str(Path(module.__file__).resolve().parent) + os.sep
+    for module in (sys.modules[__package__], sklearn)
+)
+
+
+def warn_at_caller(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` attributed to the first frame outside sknlica and sklearn.
+
+    A fixed ``stacklevel`` breaks whenever a decorator or a helper is added
+    between the public method and the warning; the user's own line is the
+    first frame that is neither ours nor scikit-learn's (``_fit_context``
+    wraps ``fit``).
+    """
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_PREFIXES):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 @contextlib.contextmanager
@@ -87,44 +186,10 @@ def uses_torch_threads(method):
     return wrapper
 
 
-class TrainingRows:
-    """The training rows of a data tensor, gathered one minibatch at a time.
-
-    Holding the full data plus an index (rather than ``X[index]``) is what
-    keeps ``fit`` from copying the data: only minibatches are materialised.
-
-    Parameters
-    ----------
-    data : torch.Tensor of shape (n_samples, n_features)
-        All rows, possibly sharing memory with the caller's array.
-    index : torch.Tensor of int64 or None
-        Positions of the training rows in ``data``; ``None`` means all rows.
-    """
-
-    def __init__(self, data: torch.Tensor, index: torch.Tensor | None = None):
-        self.data = data
-        self.index = index
-
-    def __len__(self) -> int:
-        return self.data.shape[0] if self.index is None else self.index.shape[0]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (len(self), self.data.shape[1])
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.data.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
-
-    def take(self, positions: torch.Tensor) -> torch.Tensor:
-        """Rows at ``positions`` (0-based among the training rows), copied."""
-        if self.index is not None:
-            positions = self.index[positions]
-        return self.data[positions]
+def check_count(name: str, value, least: int) -> None:
+    """Raise a clear ``ValueError`` unless ``value`` is an integer >= ``least``."""
+    if not isinstance(value, Integral) or value < least:
+        raise ValueError(f"{name} should be an integer >= {least}, got {value!r}.")
 
 
 def _partial_fit_applies(estimator) -> bool:
@@ -141,7 +206,13 @@ def _partial_fit_applies(estimator) -> bool:
 class BaseNonlinearICA(
     ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator, metaclass=ABCMeta
 ):
-    """Common base of :class:`NonlinearICAMLE` and :class:`NonlinearICAVAE`."""
+    """Common base of :class:`NonlinearICAMLE` and :class:`NonlinearICAVAE`.
+
+    A subclass's ``__init__`` takes its own parameters plus ``**shared``,
+    assigns its own and passes ``shared`` here; its signature is then
+    completed with the shared parameters (``__init_subclass__``), so that
+    ``get_params``, ``clone`` and the documentation see every parameter.
+    """
 
     _parameter_constraints: dict = {
         "n_components": [Interval(Integral, 1, None, closed="left")],
@@ -168,35 +239,83 @@ class BaseNonlinearICA(
         "random_state": ["random_state"],
     }
 
+    def __init__(
+        self,
+        n_components=2,
+        *,
+        hidden_layer_sizes=(64,),
+        activation="relu",
+        output_activation="identity",
+        noise_variance=1.0,
+        learn_noise_variance=True,
+        solver="adam",
+        learning_rate_init=3e-3,
+        noise_learning_rate=None,
+        batch_size=128,
+        max_iter=200,
+        tol=1e-3,
+        early_stopping=True,
+        validation_fraction=0.1,
+        n_iter_no_change=10,
+        ema_decay=0.998,
+        n_init=1,
+        warm_start=False,
+        device="cpu",
+        n_threads=None,
+        verbose=0,
+        random_state=None,
+    ):
+        self.n_components = n_components
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.activation = activation
+        self.output_activation = output_activation
+        self.noise_variance = noise_variance
+        self.learn_noise_variance = learn_noise_variance
+        self.solver = solver
+        self.learning_rate_init = learning_rate_init
+        self.noise_learning_rate = noise_learning_rate
+        self.batch_size = batch_size
+        self.max_iter = max_iter
+        self.tol = tol
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
+        self.ema_decay = ema_decay
+        self.n_init = n_init
+        self.warm_start = warm_start
+        self.device = device
+        self.n_threads = n_threads
+        self.verbose = verbose
+        self.random_state = random_state
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__.__signature__ = _merged_signature(cls.__init__)
+        if cls.__doc__:
+            cls.__doc__ = cls.__doc__.replace(
+                "    {shared_parameters}", SHARED_PARAMETERS_DOC
+            ).replace("    {shared_attributes}", SHARED_ATTRIBUTES_DOC)
+
     # ------------------------------------------------------------------ hooks
+    #: The trained module (a class from ``sknlica._torch.models``); its parts
+    #: are stored as ``<part>_`` fitted attributes.
+    _model_class: type[torch.nn.Module]
+
     @abstractmethod
     def _build_model(self, n_features, *, scale, dtype, device, generator):
-        """Return a fresh ``nn.Module`` holding every trainable part."""
+        """A fresh ``_model_class`` instance."""
 
     @abstractmethod
-    def _training_loss(self, model, batch, *, generator, rows=None) -> torch.Tensor:
-        """Minibatch loss (negative objective per row) to minimise.
-
-        ``rows`` holds the batch's positions among the training rows, stable
-        across the epochs of one ``fit`` (``None`` in ``partial_fit``), for
-        per-row state such as warm starts.
-        """
+    def _make_objective(self, model, *, n_features, generator, dtype, device):
+        """The :class:`~sknlica._torch.training.Objective` to train."""
 
     @abstractmethod
-    def _epoch_scores(self, model, X_train, X_val, train_objective) -> dict:
-        """Extra per-epoch history entries; must include the selection score."""
+    def _parameter_blocks(self, model) -> list[tuple[list, list]]:
+        """``(parameters, noise_parameters)`` per optimiser, in stepping order."""
 
-    @abstractmethod
-    def _store_fitted(self, model) -> None:
-        """Copy the trained model into fitted ``*_`` attributes (on CPU)."""
-
-    @abstractmethod
-    def _model_from_fitted(self, *, dtype, device, generator):
-        """Rebuild the training module from the fitted attributes (warm start)."""
-
-    #: History key the stopping rule and ``n_init`` selection maximise.
-    _train_score_key = "train_log_likelihood"
-    _val_score_key = "validation_log_likelihood"
+    def _store_extra(self, model) -> None:
+        """Fitted attributes beyond the model's parts and ``noise_variance_``."""
 
     # ------------------------------------------------------------- utilities
     @property
@@ -208,7 +327,8 @@ class BaseNonlinearICA(
         tags.transformer_tags.preserves_dtype = ["float64", "float32"]
         return tags
 
-    def _torch_dtype(self, X) -> torch.dtype:
+    @staticmethod
+    def _torch_dtype(X) -> torch.dtype:
         return torch.float32 if X.dtype == np.float32 else torch.float64
 
     def _resolve_device(self) -> torch.device:
@@ -217,11 +337,10 @@ class BaseNonlinearICA(
         if torch.cuda.is_available():
             return torch.device("cuda")
         if self.device == "cuda":
-            warnings.warn(
+            warn_at_caller(
                 "device='cuda' was requested but CUDA is not available; "
                 "falling back to the CPU.",
                 UserWarning,
-                stacklevel=4,
             )
         return torch.device("cpu")
 
@@ -234,171 +353,14 @@ class BaseNonlinearICA(
             ensure_min_samples=2 if reset else 1,
         )
 
-    def _to_tensor(self, X, device=None) -> torch.Tensor:
+    def _to_tensor(self, X) -> torch.Tensor:
         # torch.tensor copies, so read-only or memory-mapped inputs are safe.
-        return torch.tensor(X, dtype=self._torch_dtype(X), device=device or "cpu")
+        return torch.tensor(X, dtype=self._torch_dtype(X))
 
     @staticmethod
-    def _training_tensor(X: np.ndarray, device: torch.device) -> torch.Tensor:
-        """``X`` as a tensor on ``device``, sharing memory on the CPU.
-
-        Training only ever reads rows (minibatches are gathered copies), so
-        the caller's array -- even a read-only or memory-mapped one -- is
-        safe to share, and memory stays flat in the number of rows.
-        """
-        if device.type != "cpu":
-            return torch.as_tensor(X, device=device)
-        with warnings.catch_warnings():
-            # Read-only input (e.g. a memory map): we never write to it.
-            warnings.filterwarnings("ignore", message=".*not writable.*")
-            return torch.from_numpy(np.ascontiguousarray(X))
-
-    @staticmethod
-    def _seed(rng: np.random.RandomState) -> torch.Generator:
-        return torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
-
-    # ------------------------------------------------------------------- fit
-    @_fit_context(prefer_skip_nested_validation=True)
-    @uses_torch_threads
-    def fit(self, X, y=None):
-        """Fit the model to ``X``.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-            Training data; float32 input trains in float32, anything else in
-            float64.
-        y : Ignored
-            Not used, present for API consistency.  Scorers such as
-            :class:`~sknlica.metrics.ProcrustesScorer` read the true latents
-            from ``y`` in model selection.
-
-        Returns
-        -------
-        self : object
-            The fitted estimator.
-        """
-        warm = self.warm_start and hasattr(self, "decoder_")
-        X = self._validate(X, reset=not warm)
-        self._check_params(X)
-        self._check_split(X)
-        rng = check_random_state(self.random_state)
-        device = self._resolve_device()
-        dtype = self._torch_dtype(X)
-        data = self._training_tensor(X, device)
-        train_rows, X_val = self._split(data, rng)
-        scale = _mean_feature_variance(data)
-
-        best = None
-        for _ in range(1 if warm else self.n_init):
-            generator = self._seed(rng)
-            model = (
-                self._model_from_fitted(dtype=dtype, device=device, generator=generator)
-                if warm
-                else self._build_model(
-                    X.shape[1],
-                    scale=scale,
-                    dtype=dtype,
-                    device=device,
-                    generator=generator,
-                )
-            )
-            run = self._train(model, train_rows, X_val, generator)
-            if best is None or run["score"] > best["score"]:
-                best = run
-        self._finish(best)
-        return self
-
-    @available_if(_partial_fit_applies)
-    @_fit_context(prefer_skip_nested_validation=True)
-    @uses_torch_threads
-    def partial_fit(self, X, y=None):
-        """One epoch of minibatch updates on ``X``, continuing from the last call.
-
-        For data that does not fit in memory or arrives in chunks: the first
-        call (or the first after ``fit`` with ``warm_start=False`` replaced
-        the model) initialises the model; each later call continues it, with
-        the optimizer's state carried over.  There is no validation split,
-        early stopping, learning-rate decay or parameter averaging
-        (``ema_decay``): each call makes one pass over
-        ``X`` in minibatches of ``batch_size`` and appends one entry to
-        ``history_``.  A call whose loss becomes non-finite raises
-        :class:`TrainingDivergedError` and leaves the previous fitted model
-        untouched.  Unavailable when ``n_init > 1``.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-            A chunk of training data (at least 2 rows in the first call).
-        y : Ignored
-            Not used, present for API consistency.
-
-        Returns
-        -------
-        self : object
-            The updated estimator.
-        """
-        first = not hasattr(self, "decoder_")
-        X = self._validate(X, reset=first)
-        self._check_params(X)
-        rng = check_random_state(self.random_state)
-        device = self._resolve_device()
-        dtype = self._torch_dtype(X)
-        data = self._training_tensor(X, device)
-        n_done = 0 if first else self.n_iter_
-        # A different stream per call, reproducible for an integer seed.
-        generator = torch.Generator().manual_seed(
-            int(rng.randint(np.iinfo(np.int32).max)) + 7919 * n_done
-        )
-        if first:
-            model = self._build_model(
-                X.shape[1],
-                scale=_mean_feature_variance(data),
-                dtype=dtype,
-                device=device,
-                generator=generator,
-            )
-        else:
-            model = self._model_from_fitted(
-                dtype=dtype, device=device, generator=generator
-            )
-        optimizers = self._make_optimizers(model)
-        for optimizer, state in zip(
-            optimizers, getattr(self, "_optimizer_states_", ()), strict=False
-        ):
-            optimizer.load_state_dict(state)
-        self._begin_epoch(model, n_done)
-        start = time.perf_counter()
-        train_loss = self._run_epoch(model, optimizers, TrainingRows(data), generator)
-        if not math.isfinite(train_loss) or not _is_finite(model):
-            raise TrainingDivergedError(
-                f"{type(self).__name__}.partial_fit diverged: the loss became "
-                "non-finite"
-                + ("." if first else "; the previous model was kept.")
-                + " Try a smaller learning_rate_init, float64 input, "
-                "standardising X, or a larger initial noise_variance."
-            )
-        model.eval()
-        with torch.no_grad():
-            entry = {"epoch": n_done + 1, "train_objective": -train_loss}
-            entry.update(
-                self._epoch_scores(model, TrainingRows(data), None, -train_loss)
-            )
-            entry["noise_variance"] = float(model.noise())
-        entry["seconds"] = time.perf_counter() - start
-        self._store_fitted(model)
-        self._store_optimizers(optimizers)
-        self.history_ = ([] if first else list(self.history_)) + [entry]
-        self.n_iter_ = n_done + 1
-        self.best_epoch_ = self.n_iter_
-        self.converged_ = False
-        return self
-
-    def _store_optimizers(self, optimizers) -> None:
-        # CPU copies, so the estimator pickles and clones like its modules.
-        self._optimizer_states_ = [
-            _state_to_cpu(optimizer.state_dict()) for optimizer in optimizers
-        ]
+    def _seed(rng: np.random.RandomState, offset: int = 0) -> torch.Generator:
+        seed = int(rng.randint(np.iinfo(np.int32).max)) + offset
+        return torch.Generator().manual_seed(seed)
 
     def _check_params(self, X) -> None:
         sizes = self.hidden_layer_sizes
@@ -427,186 +389,211 @@ class BaseNonlinearICA(
         n_val = math.ceil(self.validation_fraction * data.shape[0])
         return TrainingRows(data, order[n_val:]), data[order[:n_val]]
 
-    def _make_optimizers(self, model):
-        noise = [p for n, p in model.named_parameters() if n.startswith("noise.")]
-        rest = [p for n, p in model.named_parameters() if not n.startswith("noise.")]
-        if self.solver == "adam":
-            return [torch.optim.Adam(model.parameters(), lr=self.learning_rate_init)]
-        # The report's Algorithm 1: a theta step, then a sigma^2 step at the
-        # updated theta, each with its own step size.
-        optimizers = [torch.optim.SGD(rest, lr=self.learning_rate_init)]
-        if noise:
-            lr = self.noise_learning_rate or self.learning_rate_init
-            optimizers.append(torch.optim.SGD(noise, lr=lr))
-        return optimizers
+    def _make_optimizers(self, model) -> list[torch.optim.Optimizer]:
+        return [
+            make_optimizer(
+                self.solver,
+                list(parameters),
+                list(noise_parameters),
+                learning_rate=self.learning_rate_init,
+                noise_learning_rate=self.noise_learning_rate,
+            )
+            for parameters, noise_parameters in self._parameter_blocks(model)
+            if parameters or noise_parameters
+        ]
 
-    def _train(self, model, X_train, X_val, generator) -> dict:
-        optimizers = self._make_optimizers(model)
-        average = ParameterAverage(model, self.ema_decay) if self.ema_decay else None
-        score_key = self._val_score_key if X_val is not None else self._train_score_key
-        history: list[dict] = []
-        best_score, best_state, best_epoch = -math.inf, None, 0
-        no_improvement, converged, failure = 0, False, None
-        start = time.perf_counter()
-        bar = tqdm(
-            range(self.max_iter),
-            disable=not self.verbose,
-            desc=type(self).__name__,
-            leave=False,
+    def _build_decoder(self, n_features, *, generator, dtype, device):
+        """A fresh decoder MLP ``g`` as the parameters describe it."""
+        return make_mlp(
+            self.n_components,
+            tuple(self.hidden_layer_sizes),
+            n_features,
+            activation=self.activation,
+            output_activation=self.output_activation,
+            dtype=dtype,
+            device=device,
+            generator=generator,
         )
-        try:
-            for epoch in bar:
-                self._begin_epoch(model, epoch)
-                train_loss = self._run_epoch(
-                    model,
-                    optimizers,
-                    X_train,
-                    generator,
-                    pass_rows=True,
-                    average=average,
-                )
-                if not math.isfinite(train_loss) or not _is_finite(model):
-                    failure = epoch + 1
-                    break
-                model.eval()
-                # Scored, selected and kept: the averaged parameters.
-                with torch.no_grad(), _averaged(average):
-                    entry = {"epoch": epoch + 1, "train_objective": -train_loss}
-                    entry.update(self._epoch_scores(model, X_train, X_val, -train_loss))
-                    entry["noise_variance"] = float(model.noise())
-                    score = entry[score_key]
-                    if score > best_score:
-                        best_state = copy.deepcopy(model.state_dict())
-                entry["seconds"] = time.perf_counter() - start
-                history.append(entry)
-                bar.set_postfix({score_key: f"{score:.4f}"})
-                if score > best_score + self.tol:
-                    no_improvement = 0
-                else:
-                    no_improvement += 1
-                    if no_improvement % self._decay_patience() == 0:
-                        _scale_learning_rates(optimizers, LEARNING_RATE_DECAY)
-                if score > best_score:
-                    best_score, best_epoch = score, epoch + 1
-                if no_improvement >= self.n_iter_no_change:
-                    converged = True
-                    break
-        except KeyboardInterrupt:
-            warnings.warn(
-                f"Training interrupted after {len(history)} epochs; keeping the "
-                "best model so far.",
-                UserWarning,
-                stacklevel=4,
-            )
-            converged = False
-        finally:
-            bar.close()
-        if best_state is not None:
-            model.load_state_dict(best_state)
-        return {
-            "optimizers": optimizers,
-            "model": model,
-            "score": best_score,
-            "history": history,
-            "converged": converged,
-            "n_iter": len(history),
-            "best_epoch": best_epoch,
-            "failure": failure,
-            "has_state": best_state is not None,
-        }
 
-    def _run_epoch(
-        self,
-        model,
-        optimizers,
-        rows: TrainingRows,
-        generator,
-        *,
-        pass_rows=False,
-        average: ParameterAverage | None = None,
-    ) -> float:
-        """One shuffled pass of minibatch steps; returns the mean loss.
+    def _build_noise(self, scale, *, dtype, device):
+        """A fresh global noise variance, its floor relative to ``scale``."""
+        return NoiseVariance(
+            self.noise_variance,
+            learn=self.learn_noise_variance,
+            floor=NOISE_VARIANCE_FLOOR * scale,
+            dtype=dtype,
+            device=device,
+        )
 
-        ``average``, when given, is updated after every step.
+    def _fitted_model(self) -> torch.nn.Module:
+        """The fitted parts as a ``_model_class`` instance (shared, not copied)."""
+        parts = {name: getattr(self, f"{name}_") for name in self._model_class.parts}
+        return self._model_class(**parts)
+
+    # ------------------------------------------------------------------- fit
+    @_fit_context(prefer_skip_nested_validation=True)
+    @uses_torch_threads
+    def fit(self, X, y=None):
+        """Fit the model to ``X``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training data; float32 input trains in float32, anything else in
+            float64.
+        y : Ignored
+            Not used, present for API consistency.  Scorers such as
+            :class:`~sknlica.metrics.ProcrustesScorer` read the true latents
+            from ``y`` in model selection.
+
+        Returns
+        -------
+        self : object
+            The fitted estimator.
         """
-        model.train()
-        n_rows = len(rows)
-        batch_size = min(self.batch_size, n_rows)
-        order = torch.randperm(n_rows, generator=generator).to(rows.device)
-        # One running sum, not a list of per-step scalars: tensors kept alive
-        # across steps pin the heap above each step's freed temporaries, and
-        # the process grew by ~0.4 MB per step (~130 MB per epoch at 400k rows).
-        total = torch.zeros((), dtype=rows.dtype, device=rows.device)
-        n_batches = 0
-        for first in range(0, n_rows, batch_size):
-            positions = order[first : first + batch_size]
-            total += self._optimizer_step(
-                model,
-                optimizers,
-                rows.take(positions),
-                generator,
-                rows=positions if pass_rows else None,
+        return self._fit(X, incremental=False)
+
+    @available_if(_partial_fit_applies)
+    @_fit_context(prefer_skip_nested_validation=True)
+    @uses_torch_threads
+    def partial_fit(self, X, y=None):
+        """One epoch of minibatch updates on ``X``, continuing from the last call.
+
+        For data that does not fit in memory or arrives in chunks: the first
+        call (or the first after ``fit`` with ``warm_start=False`` replaced
+        the model) initialises the model; each later call continues it, with
+        the optimizer's state carried over.  There is no validation split,
+        early stopping, learning-rate decay or parameter averaging
+        (``ema_decay``): each call makes one pass over ``X`` in minibatches of
+        ``batch_size`` and appends one entry to ``history_``; epoch schedules
+        (a KL warm-up) advance by one per call.  A call whose loss becomes
+        non-finite raises :class:`TrainingDivergedError` and leaves the
+        previous fitted model untouched.  Unavailable when ``n_init > 1``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            A chunk of training data (at least 2 rows in the first call).
+        y : Ignored
+            Not used, present for API consistency.
+
+        Returns
+        -------
+        self : object
+            The updated estimator.
+        """
+        return self._fit(X, incremental=True)
+
+    def _fit(self, X, *, incremental: bool):
+        """``fit`` (all epochs, restarts) or ``partial_fit`` (one epoch)."""
+        resume = hasattr(self, "decoder_") and (incremental or self.warm_start)
+        X = self._validate(X, reset=not resume)
+        self._check_params(X)
+        if not incremental:
+            self._check_split(X)
+        rng = check_random_state(self.random_state)
+        device = self._resolve_device()
+        dtype = self._torch_dtype(X)
+        data = training_tensor(X, device)
+        if incremental:
+            rows, validation = TrainingRows(data), None
+        else:
+            rows, validation = self._split(data, rng)
+        entries_before = self.n_iter_ if incremental and resume else 0
+        settings = TrainingSettings(
+            max_iter=1 if incremental else self.max_iter,
+            batch_size=self.batch_size,
+            tol=self.tol,
+            n_iter_no_change=self.n_iter_no_change,
+            ema_decay=0.0 if incremental else self.ema_decay,
+            verbose=bool(self.verbose) and not incremental,
+            description=type(self).__name__,
+            track_rows=not incremental,
+            epochs_before=self._epochs_trained_ if resume else 0,
+            entries_before=entries_before,
+        )
+        build = {"dtype": dtype, "device": device}
+        runs: list[TrainingRun] = []
+        for _ in range(1 if resume or incremental else self.n_init):
+            generator = self._seed(rng, PARTIAL_FIT_SEED_STRIDE * entries_before)
+            if resume:
+                # Train a copy: the fitted model stays intact if this fit fails.
+                model = copy.deepcopy(self._fitted_model()).to(**build)
+            else:
+                model = self._build_model(
+                    X.shape[1],
+                    scale=mean_feature_variance(data),
+                    generator=generator,
+                    **build,
+                )
+            objective = self._make_objective(
+                model, n_features=X.shape[1], generator=generator, **build
             )
-            if average is not None:
-                average.update()
-            n_batches += 1
-        return (total / n_batches).item()
-
-    def _begin_epoch(self, model, epoch: int) -> None:
-        """Called before each training epoch (0-based); e.g. for KL warm-up."""
-
-    def _decay_patience(self) -> int:
-        return max(1, self.n_iter_no_change // 2)
-
-    def _optimizer_step(self, model, optimizers, batch, generator, rows=None):
-        if len(optimizers) == 1:
-            (optimizer,) = optimizers
-            optimizer.zero_grad(set_to_none=True)
-            loss = self._training_loss(model, batch, generator=generator, rows=rows)
-            loss.backward()
-            optimizer.step()
-            return loss.detach()
-        # Alternating SGD: theta then sigma^2, each at the other's latest value.
-        loss = None
-        for optimizer in optimizers:
-            model.zero_grad(set_to_none=True)
-            step_loss = self._training_loss(
-                model, batch, generator=generator, rows=rows
+            optimizers = self._make_optimizers(model)
+            if incremental and resume:
+                for optimizer, state in zip(
+                    optimizers, self._optimizer_states_, strict=True
+                ):
+                    optimizer.load_state_dict(state)
+            run = train(
+                model, objective, optimizers, rows, validation, generator, settings
             )
-            step_loss.backward()
-            optimizer.step()
-            loss = step_loss.detach() if loss is None else loss
-        return loss
+            runs.append(run)
+            if run.interrupted:
+                break
+        best = max(runs, key=lambda run: run.score)
+        self._finish(best, runs, incremental=incremental, resume=resume)
+        return self
 
-    def _finish(self, run: dict) -> None:
-        if not run["has_state"]:
+    def _finish(self, best: TrainingRun, runs, *, incremental, resume) -> None:
+        """Keep ``best`` as the fitted model and report what happened."""
+        name = type(self).__name__
+        interrupted = runs[-1].interrupted
+        if not best.has_model:
+            if interrupted:
+                raise KeyboardInterrupt
+            if incremental:
+                kept = "; the previous model was kept." if resume else "."
+                raise TrainingDivergedError(
+                    f"{name}.partial_fit diverged: the loss became non-finite"
+                    f"{kept} {_DIVERGENCE_ADVICE}"
+                )
             raise TrainingDivergedError(
-                f"{type(self).__name__} diverged in its first epoch: the loss "
-                "became non-finite before any finite model existed. Try a smaller "
-                "learning_rate_init, float64 input, standardising X, or a larger "
-                "initial noise_variance."
+                f"{name} diverged in its first epoch: the loss became non-finite "
+                f"before any finite model existed. {_DIVERGENCE_ADVICE}"
             )
-        self._store_fitted(run["model"])
-        self._store_optimizers(run["optimizers"])
-        self.history_ = run["history"]
-        self.n_iter_ = max(run["n_iter"], 1)
-        self.converged_ = run["converged"]
-        self.best_epoch_ = run["best_epoch"]
-        if run["failure"] is not None:
+        epochs_before = self._epochs_trained_ if resume else 0
+        history_before = list(self.history_) if incremental and resume else []
+        self._store_fitted(best.model)
+        self._optimizer_states_ = [
+            state_to_cpu(optimizer.state_dict()) for optimizer in best.optimizers
+        ]
+        self.history_ = history_before + best.history
+        self._epochs_trained_ = epochs_before + len(best.history)
+        self.n_iter_ = len(self.history_) if incremental else len(best.history)
+        self.converged_ = best.converged and not incremental
+        self.best_epoch_ = self.n_iter_ if incremental else best.best_epoch
+        if best.failed_epoch is not None:
             raise TrainingDivergedError(
-                f"{type(self).__name__} diverged at epoch {run['failure']}: the "
-                "loss became non-finite. The best finite model (epoch "
-                f"{run['best_epoch']}) was kept and the estimator is usable. Try a "
-                "smaller learning_rate_init, float64 input, standardising X, or "
-                "a larger initial noise_variance."
+                f"{name} diverged at epoch {best.failed_epoch}: the loss became "
+                f"non-finite. The best finite model (epoch {best.best_epoch}) was "
+                f"kept and the estimator is usable. {_DIVERGENCE_ADVICE}"
             )
-        if not self.converged_ and run["n_iter"] == self.max_iter:
-            warnings.warn(
-                f"{type(self).__name__} reached max_iter={self.max_iter} epochs "
-                "without converging; consider increasing max_iter.",
+        if interrupted:
+            message = _interruption_message(len(runs), self.n_init, runs[-1])
+            warn_at_caller(f"{message} (epoch {self.best_epoch_}).", UserWarning)
+        elif not best.converged and not incremental and self.n_iter_ == self.max_iter:
+            warn_at_caller(
+                f"{name} reached max_iter={self.max_iter} epochs without "
+                "converging; consider increasing max_iter.",
                 ConvergenceWarning,
-                stacklevel=4,
             )
+
+    def _store_fitted(self, model) -> None:
+        for part in self._model_class.parts:
+            setattr(self, f"{part}_", getattr(model, part).cpu().eval())
+        self.noise_variance_ = float(model.noise().detach())
+        self._store_extra(model)
 
     # ------------------------------------------------------------ inference
     def _check_fitted_input(self, X):
@@ -666,12 +653,13 @@ class BaseNonlinearICA(
         """Decoder mean and per-row observation-noise variance at latents ``Z``."""
         return self._decode(Z), np.full(Z.shape[0], self.noise_variance_)
 
-    @staticmethod
-    def _fitted_module(module: torch.nn.Module, dtype: torch.dtype):
-        """``module`` in ``dtype``, copied when needed: ``Module.to`` is in place."""
-        if next(module.parameters()).dtype == dtype:
-            return module
-        return copy.deepcopy(module).to(dtype=dtype)
+    def _inference_model(self, dtype: torch.dtype) -> torch.nn.Module:
+        """The fitted model in ``dtype``, copied when that differs (``Module.to``
+        is in place, and the fitted attributes must stay as they are)."""
+        model = self._fitted_model()
+        if next(self.decoder_.parameters()).dtype != dtype:
+            model = copy.deepcopy(model).to(dtype=dtype)
+        return model.eval()
 
     def _decode(self, Z: np.ndarray) -> np.ndarray:
         param = next(self.decoder_.parameters())
@@ -694,8 +682,6 @@ class BaseNonlinearICA(
             ``g(z)``, with the dtype of the input (float32 or float64).
         """
         check_is_fitted(self)
-        from sklearn.utils import check_array
-
         Z = check_array(X, dtype=[np.float64, np.float32])
         if Z.shape[1] != self.n_components:
             raise ValueError(
@@ -714,31 +700,37 @@ class BaseNonlinearICA(
         return state
 
 
-def _mean_feature_variance(data: torch.Tensor) -> float:
-    """Mean per-feature variance (1 for constant data), without a copy of ``data``."""
-    return float(data.var(dim=0, unbiased=False).mean()) or 1.0
+def _interruption_message(n_run: int, n_init: int, last: TrainingRun) -> str:
+    message = f"Training interrupted after {len(last.history)} epochs"
+    if n_init > 1:
+        message += f" of restart {n_run} of {n_init}"
+        if n_run < n_init:
+            message += f" (the remaining {n_init - n_run} were not run)"
+    return message + "; keeping the best model so far"
 
 
-def _averaged(average: ParameterAverage | None):
-    """``average.applied()``, or a no-op without averaging."""
-    return average.applied() if average is not None else contextlib.nullcontext()
+#: Shared parameters listed before a subclass's own ones in its signature.
+_LEADING_SHARED = ("hidden_layer_sizes", "activation", "output_activation")
 
 
-def _state_to_cpu(state):
-    if isinstance(state, torch.Tensor):
-        return state.detach().cpu().clone()
-    if isinstance(state, dict):
-        return {key: _state_to_cpu(value) for key, value in state.items()}
-    if isinstance(state, list | tuple):
-        return type(state)(_state_to_cpu(value) for value in state)
-    return state
+def _merged_signature(init) -> inspect.Signature:
+    """``init``'s signature with ``**shared`` replaced by the base's parameters.
 
-
-def _scale_learning_rates(optimizers, factor: float) -> None:
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group["lr"] *= factor
-
-
-def _is_finite(model: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    Order: ``self, n_components``, the decoder's shape, the subclass's own
+    parameters, then the remaining shared ones.
+    """
+    own = inspect.signature(init)
+    base = inspect.signature(BaseNonlinearICA.__init__).parameters
+    params = [p for p in own.parameters.values() if p.kind != p.VAR_KEYWORD]
+    positional = [p for p in params if p.kind != p.KEYWORD_ONLY]
+    keyword = [p for p in params if p.kind == p.KEYWORD_ONLY]
+    taken = {p.name for p in params}
+    leading = [base[name] for name in _LEADING_SHARED if name not in taken]
+    rest = [
+        p
+        for name, p in base.items()
+        if p.kind == p.KEYWORD_ONLY
+        and name not in taken
+        and name not in _LEADING_SHARED
+    ]
+    return own.replace(parameters=positional + leading + keyword + rest)

@@ -10,31 +10,9 @@ import torch
 from sklearn.utils import check_array
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 
+from sknlica._torch.evaluation import decode_nodes
 from sknlica._torch.integration import RULES, prior_rule
-from sknlica._torch.likelihood import CHUNK_ELEMENTS, log_marginal_chunked
-
-#: Nodes decoded at once, to bound the memory of the decoder's activations.
-DECODE_CHUNK = 8192
-
-
-def decode_nodes(
-    decoder: Callable, nodes: torch.Tensor, *, chunk: int = DECODE_CHUNK
-) -> torch.Tensor:
-    """Apply ``decoder`` to ``nodes`` in chunks; accept torch or numpy outputs."""
-    # A module runs in its own dtype (a float32 fit's decoder_ takes float32).
-    param = (
-        next(decoder.parameters(), None)
-        if isinstance(decoder, torch.nn.Module)
-        else None
-    )
-    inputs = nodes if param is None else nodes.to(dtype=param.dtype)
-    outputs = []
-    for start in range(0, nodes.shape[0], chunk):
-        out = decoder(inputs[start : start + chunk])
-        if not isinstance(out, torch.Tensor):
-            out = torch.as_tensor(np.asarray(out))
-        outputs.append(out.to(dtype=nodes.dtype, device=nodes.device))
-    return torch.cat(outputs)
+from sknlica._torch.likelihood import log_marginal_chunked
 
 
 def _infer_n_components(decoder: Callable) -> int | None:
@@ -153,7 +131,7 @@ def marginal_log_likelihood(
                 f"{tuple(g.shape)}."
             )
         s2 = torch.tensor(float(noise_variance), dtype=torch.float64)
-        out = log_marginal_chunked(x, g, log_weights, s2, max_elements=CHUNK_ELEMENTS)
+        out = log_marginal_chunked(x, g, log_weights, s2)
     return out.numpy()
 
 

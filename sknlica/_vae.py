@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import math
 from numbers import Integral, Real
 
 import torch
@@ -13,147 +11,24 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sknlica._base import (
     NOISE_VARIANCE_FLOOR,
     BaseNonlinearICA,
+    check_count,
     uses_torch_threads,
 )
-from sknlica._torch.elbo import (
-    CHUNK_ELEMENTS,
-    diagonal_normal_log_density,
-    gaussian_log_likelihood,
-    importance_sampled_log_likelihood,
-    iwae_bound,
-    kl_to_standard_normal,
-    leave_one_out_baseline,
-    log_importance_weights,
-    reparameterize,
-    score_function_elbo,
-    sgvb_elbo,
-    soft_clamp,
-    standard_normal_draws,
-    vimco_iwae,
-)
-from sknlica._torch.integration import prior_rule
-from sknlica._torch.networks import GaussianHead, NoiseVariance, make_mlp
+from sknlica._torch.gaussian import reparameterize, standard_normal_draws
+from sknlica._torch.models import AmortizedVariance, VAEModel
+from sknlica._torch.networks import GaussianHead
 from sknlica._torch.posterior import mala
+from sknlica._torch.vae_objectives import (
+    BOUNDS,
+    GRADIENT_ESTIMATORS,
+    MONITOR_SAMPLES,
+    VAEObjective,
+    encoder_estimate,
+    evaluation_draws,
+    posterior_log_joint,
+)
 
-#: Seed of the fixed draws ``eps`` used by ``score_samples``, ``elbo`` and the
-#: per-epoch monitoring: fixed so that they are deterministic and every row is
-#: evaluated with the same draws (subset invariance).
-EVALUATION_SEED = 0
-
-#: Encoder log-variances are soft-clamped to this range.  The upper end keeps
-#: ``exp`` finite in float32 and is far above any posterior (which is never
-#: much wider than the N(0, I) prior); the lower end (std 4.5e-5) is below the
-#: posterior width of any model whose noise variance is above the floor, and
-#: keeps ``1 / s^2`` in log q finite.
-ENCODER_LOG_VAR_RANGE = (-20.0, 5.0)
-
-#: The amortised decoder log-variance is soft-clamped to ``log(scale)`` plus
-#: this range, ``scale`` being the mean feature variance of the training data:
-#: the noise cannot exceed 150 times the data's own variance or fall below
-#: 1e-9 of it (the ``NOISE_VARIANCE_FLOOR`` sits above that).
-DECODER_LOG_VAR_RANGE = (-20.0, 5.0)
-
-#: Per-epoch train and validation scores use at most this many fixed draws
-#: (a sixteenth of the default ``n_eval_samples``, so monitoring costs less
-#: than the epoch's training).  Measured on fitted m = 2, n = 20 models: 64
-#: draws put the held-out log-likelihood within 0.01 nats of quadrature
-#: (1,024 draws: 0.008), ample to rank epochs for early stopping.
-MONITOR_SAMPLES = 64
-
-#: The training log-likelihood and ELBO are estimated on this many rows of the
-#: training set (evenly spaced, the same every epoch).
-MONITOR_ROWS = 500
-
-#: Max-norm of each step's gradient (of the per-row average loss).  On the
-#: report's generator (m = 2, n = 20) the largest norm measured over a whole
-#: fit is 67 (median 4), so this never binds there; at m = n = 100 an
-#: untrained model's norms reach 1e4 and plain SGD without the clip diverges
-#: in its first epoch (the report's invalid values).  Adam is nearly
-#: unaffected, being invariant to the gradient's scale.
-GRADIENT_CLIP_NORM = 1e3
-
-OBJECTIVES = ("elbo", "iwae")
-
-
-def clip_gradient_norm(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
-    """Rescale the optimizer's gradients to total 2-norm ``max_norm`` if above it.
-
-    ``torch.nn.utils.clip_grad_norm_`` computes the norm tensor by tensor on
-    the CPU and always rescales (by 1 when the cap does not bind): 60 us per
-    step against 22 us here, 3% of a default IWAE step.  Same result; a
-    non-finite norm leaves the gradients alone, and the step then fails the
-    finiteness check as before.
-    """
-    grads = [
-        p.grad
-        for group in optimizer.param_groups
-        for p in group["params"]
-        if p.grad is not None
-    ]
-    if not grads:
-        return
-    total = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
-    if total > max_norm:
-        torch._foreach_mul_(grads, max_norm / (total + 1e-6))
-
-
-GRADIENT_ESTIMATORS = ("reparameterization", "score_function")
 TRAINING_SCHEMES = ("joint", "alternating")
-
-
-class _AmortizedVariance(torch.nn.Module):
-    """The report's decoder variance head ``log s^2 = W_2 h + b_2``.
-
-    ``h`` is the decoder's last hidden layer (``z`` itself without hidden
-    layers).  ``s^2 = floor + exp(soft_clamp(W_2 h + b_2))``.  Called without
-    ``h`` it returns ``summary``: the average ``s^2`` over the monitored
-    training rows at their encoder means, updated every epoch (and restored
-    with the best epoch), which is what ``noise_variance_`` reports.
-    """
-
-    def __init__(self, n_hidden, initial, *, floor, scale, dtype, device, generator):
-        super().__init__()
-        (self.linear, _) = make_mlp(
-            n_hidden, (), 1, dtype=dtype, device=device, generator=generator
-        )
-        self.floor = float(floor)
-        self.low = math.log(scale) + DECODER_LOG_VAR_RANGE[0]
-        self.high = math.log(scale) + DECODER_LOG_VAR_RANGE[1]
-        with torch.no_grad():
-            # Start almost constant at the initial variance, as the global one.
-            self.linear.weight.mul_(0.1)
-            self.linear.bias.fill_(math.log(max(initial - self.floor, self.floor)))
-        self.register_buffer("summary", torch.tensor(initial, dtype=dtype))
-
-    def forward(self, h: torch.Tensor | None = None) -> torch.Tensor:
-        if h is None:
-            return self.summary
-        log_var = soft_clamp(self.linear(h).squeeze(-1), self.low, self.high)
-        return self.floor + torch.exp(log_var)
-
-
-class _VAEModel(torch.nn.Module):
-    """Encoder, decoder and noise variance (or variance head), trained together."""
-
-    def __init__(self, encoder, decoder, noise, *, amortized: bool) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.decoder = decoder
-        self.noise = noise
-        self.amortized = amortized
-        self.kl_weight = 1.0  # set each epoch by NonlinearICAVAE._begin_epoch
-        self.warm = False  # a warm start skips the KL warm-up
-
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, log_var = self.encoder(x)
-        return mean, soft_clamp(log_var, *ENCODER_LOG_VAR_RANGE)
-
-    def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.amortized:
-            return self.decoder(z), self.noise()
-        # decoder = hidden layers + [last Linear, output activation].
-        h = self.decoder[:-2](z)
-        return self.decoder[-2:](h), self.noise(h)
 
 
 class NonlinearICAVAE(BaseNonlinearICA):
@@ -217,7 +92,9 @@ class NonlinearICAVAE(BaseNonlinearICA):
         weights).  Scores and :meth:`elbo` always use ``beta = 1``.
     kl_warmup_epochs : int, default=0
         Ramp the KL weight linearly from ``beta / (kl_warmup_epochs + 1)`` to
-        ``beta`` over the first epochs (not repeated on a warm start).
+        ``beta`` over the model's first epochs.  The ramp follows the total
+        number of epochs the model has trained, so a warm start continues it
+        and ``partial_fit`` calls advance it by one each.
     amortized_variance : bool, default=False
         Replace the global ``sigma^2`` by the report's data-dependent head
         ``log s^2(z) = W_2 h(z) + b_2`` on the decoder's last hidden layer;
@@ -230,8 +107,8 @@ class NonlinearICAVAE(BaseNonlinearICA):
     n_eval_samples : int, default=1024
         Draws of the importance-sampling estimate in ``score_samples`` and
         :meth:`elbo`: fixed scrambled Sobol points mapped to N(0, I), shared by
-        all rows.  The per-epoch scores use the first ``min(64,
-        n_eval_samples)``.
+        all rows.  The per-epoch scores use fewer such draws (see the user
+        guide).
     solver : {"adam", "sgd"}, default="adam"
         Optimiser.
     learning_rate_init : float, default=3e-3
@@ -239,50 +116,13 @@ class NonlinearICAVAE(BaseNonlinearICA):
     noise_learning_rate : float, default=None
         Step size of ``sigma^2`` (or the variance head) for ``solver="sgd"``;
         ``None`` uses ``learning_rate_init``.  Ignored by ``"adam"``.
-    batch_size : int, default=128
-        Minibatch size (clipped to the number of training rows).
-    max_iter : int, default=200
-        Maximum number of epochs.
-    tol : float, default=1e-3
-        Improvement in nats per sample of the monitored score below which an
-        epoch counts as no improvement.
-    early_stopping : bool, default=True
-        Hold out ``validation_fraction`` of the data, monitor its
-        importance-sampled log-likelihood, and keep the best epoch's model.
-        When ``False`` the training log-likelihood estimate is monitored.
-    validation_fraction : float, default=0.1
-        Fraction of rows held out when ``early_stopping=True``.
-    n_iter_no_change : int, default=10
-        Epochs without improvement of more than ``tol`` before stopping.
-    ema_decay : float, default=0.998
-        Decay of the exponential moving average of the parameters (Polyak
-        averaging) that ``fit`` scores every epoch, selects and keeps; ``0``
-        keeps the raw iterates.  The average spans about the last ``1 / (1 -
-        ema_decay)`` minibatch steps (500), fewer early in training.  It
-        removes the optimiser's jitter, which grows as ``sigma^2`` shrinks
-        (see the user guide).  ``partial_fit`` does not average.
-    n_init : int, default=1
-        Number of initialisations; the best (highest monitored score) is kept.
-    warm_start : bool, default=False
-        Continue from the previous fit's parameters.
-    device : {"cpu", "cuda", "auto"}, default="cpu"
-        Where training runs; fitted modules are always stored on the CPU.
-    n_threads : int, default=None
-        Torch intra-op threads used inside ``fit``, ``partial_fit`` and every
-        inference method, restored afterwards; ``None`` keeps torch's setting.
-        In ``GridSearchCV(n_jobs=k)`` on ``c`` cores, ``n_threads=c // k``
-        avoids oversubscription (see the user guide's performance page).
-    verbose : int, default=0
-        Show a progress bar with the current score.
-    random_state : int, RandomState instance or None, default=None
-        Seeds initialisation, shuffling, the validation split and the draws
-        through a private ``torch.Generator``; global RNGs are untouched.
+    {shared_parameters}
 
     Attributes
     ----------
     encoder_ : torch.nn.Module
-        The fitted encoder, ``x -> (mu(x), log s^2(x))`` before the clamp to
-        ``ENCODER_LOG_VAR_RANGE`` (on the CPU).
+        The fitted encoder, ``x -> (mu(x), log s^2(x))`` before the soft clamp
+        of the log-variance (on the CPU).
     decoder_ : torch.nn.Module
         The fitted decoder mean ``g`` (on the CPU).
     noise_ : torch.nn.Module
@@ -292,12 +132,6 @@ class NonlinearICAVAE(BaseNonlinearICA):
         Fitted ``sigma^2``.  With ``amortized_variance=True``: the average of
         the head ``s^2(z)`` at the encoder means of (up to 500 evenly spaced)
         training rows.
-    n_iter_ : int
-        Epochs run.
-    converged_ : bool
-        Whether the stopping rule fired before ``max_iter``.
-    best_epoch_ : int
-        Epoch whose parameters were kept.
     history_ : list of dict
         One dict per epoch: ``epoch``; ``train_objective`` (the epoch's
         average training objective, with the current KL weight);
@@ -307,10 +141,7 @@ class NonlinearICAVAE(BaseNonlinearICA):
         same draws); ``noise_variance``; ``seconds`` since the fit started.
         Everything but ``train_objective`` is of the averaged parameters
         (``ema_decay``).
-    n_features_in_ : int
-        Number of features seen during fit.
-    feature_names_in_ : ndarray of shape (`n_features_in_`,)
-        Names of features seen during fit, when ``X`` has string column names.
+    {shared_attributes}
 
     See Also
     --------
@@ -357,7 +188,7 @@ class NonlinearICAVAE(BaseNonlinearICA):
     _parameter_constraints: dict = {
         **BaseNonlinearICA._parameter_constraints,
         "encoder_hidden_layer_sizes": ["array-like", None],
-        "objective": [StrOptions(set(OBJECTIVES))],
+        "objective": [StrOptions(set(BOUNDS))],
         "n_mc_samples": [Interval(Integral, 1, None, closed="left")],
         "n_importance_samples": [Interval(Integral, 1, None, closed="left")],
         "gradient_estimator": [StrOptions(set(GRADIENT_ESTIMATORS))],
@@ -368,13 +199,12 @@ class NonlinearICAVAE(BaseNonlinearICA):
         "n_eval_samples": [Interval(Integral, 1, None, closed="left")],
     }
 
+    _model_class = VAEModel
+
     def __init__(
         self,
         n_components=2,
         *,
-        hidden_layer_sizes=(64,),
-        activation="relu",
-        output_activation="identity",
         encoder_hidden_layer_sizes=None,
         objective="iwae",
         n_mc_samples=1,
@@ -384,30 +214,10 @@ class NonlinearICAVAE(BaseNonlinearICA):
         beta=1.0,
         kl_warmup_epochs=0,
         amortized_variance=False,
-        noise_variance=1.0,
-        learn_noise_variance=True,
         n_eval_samples=1024,
-        solver="adam",
-        learning_rate_init=3e-3,
-        noise_learning_rate=None,
-        batch_size=128,
-        max_iter=200,
-        tol=1e-3,
-        early_stopping=True,
-        validation_fraction=0.1,
-        n_iter_no_change=10,
-        ema_decay=0.998,
-        n_init=1,
-        warm_start=False,
-        device="cpu",
-        n_threads=None,
-        verbose=0,
-        random_state=None,
+        **shared,
     ):
-        self.n_components = n_components
-        self.hidden_layer_sizes = hidden_layer_sizes
-        self.activation = activation
-        self.output_activation = output_activation
+        super().__init__(n_components, **shared)
         self.encoder_hidden_layer_sizes = encoder_hidden_layer_sizes
         self.objective = objective
         self.n_mc_samples = n_mc_samples
@@ -417,25 +227,7 @@ class NonlinearICAVAE(BaseNonlinearICA):
         self.beta = beta
         self.kl_warmup_epochs = kl_warmup_epochs
         self.amortized_variance = amortized_variance
-        self.noise_variance = noise_variance
-        self.learn_noise_variance = learn_noise_variance
         self.n_eval_samples = n_eval_samples
-        self.solver = solver
-        self.learning_rate_init = learning_rate_init
-        self.noise_learning_rate = noise_learning_rate
-        self.batch_size = batch_size
-        self.max_iter = max_iter
-        self.tol = tol
-        self.early_stopping = early_stopping
-        self.validation_fraction = validation_fraction
-        self.n_iter_no_change = n_iter_no_change
-        self.ema_decay = ema_decay
-        self.n_init = n_init
-        self.warm_start = warm_start
-        self.device = device
-        self.n_threads = n_threads
-        self.verbose = verbose
-        self.random_state = random_state
 
     # ------------------------------------------------------------ validation
     def _check_params(self, X) -> None:
@@ -467,206 +259,78 @@ class NonlinearICAVAE(BaseNonlinearICA):
                 "learn_noise_variance=True or amortized_variance=False."
             )
 
-    @property
-    def _encoder_sizes(self) -> tuple[int, ...]:
-        if self.encoder_hidden_layer_sizes is None:
-            return tuple(reversed(tuple(self.hidden_layer_sizes)))
-        return tuple(self.encoder_hidden_layer_sizes)
-
     # ------------------------------------------------------------- training
     def _build_model(self, n_features, *, scale, dtype, device, generator):
-        build = {"dtype": dtype, "device": device, "generator": generator}
+        build = {"dtype": dtype, "device": device}
+        encoder_sizes = self.encoder_hidden_layer_sizes
+        if encoder_sizes is None:
+            encoder_sizes = tuple(reversed(tuple(self.hidden_layer_sizes)))
         encoder = GaussianHead(
             n_features,
-            self._encoder_sizes,
+            tuple(encoder_sizes),
             self.n_components,
             activation=self.activation,
+            generator=generator,
             **build,
         )
+        decoder = self._build_decoder(n_features, generator=generator, **build)
+        if not self.amortized_variance:
+            return VAEModel(encoder, decoder, self._build_noise(scale, **build))
         sizes = tuple(self.hidden_layer_sizes)
-        decoder = make_mlp(
-            self.n_components,
-            sizes,
-            n_features,
-            activation=self.activation,
-            output_activation=self.output_activation,
+        noise = AmortizedVariance(
+            sizes[-1] if sizes else self.n_components,
+            float(self.noise_variance),
+            floor=NOISE_VARIANCE_FLOOR * scale,
+            scale=scale,
+            generator=generator,
             **build,
         )
-        floor = NOISE_VARIANCE_FLOOR * scale
-        if self.amortized_variance:
-            noise = _AmortizedVariance(
-                sizes[-1] if sizes else self.n_components,
-                float(self.noise_variance),
-                floor=floor,
-                scale=scale,
-                **build,
-            )
-        else:
-            noise = NoiseVariance(
-                self.noise_variance,
-                learn=self.learn_noise_variance,
-                floor=floor,
-                dtype=dtype,
-                device=device,
-            )
-        return _VAEModel(encoder, decoder, noise, amortized=self.amortized_variance)
+        return VAEModel(encoder, decoder, noise)
 
-    def _model_from_fitted(self, *, dtype, device, generator):
-        # Train a copy: the fitted modules stay intact if this fit fails.
-        fitted = _VAEModel(
-            self.encoder_, self.decoder_, self.noise_, amortized=self.amortized_variance
+    def _make_objective(self, model, *, n_features, generator, dtype, device):
+        return VAEObjective(
+            bound=self.objective,
+            gradient_estimator=self.gradient_estimator,
+            n_draws=(
+                self.n_importance_samples
+                if self.objective == "iwae"
+                else self.n_mc_samples
+            ),
+            beta=self.beta,
+            kl_warmup_epochs=self.kl_warmup_epochs,
+            n_components=self.n_components,
+            monitor_samples=min(MONITOR_SAMPLES, self.n_eval_samples),
+            width=self._width(n_features),
+            generator=generator,
         )
-        model = copy.deepcopy(fitted).to(dtype=dtype, device=device)
-        model.warm = True
-        return model
 
-    def _make_optimizers(self, model):
-        encoder = list(model.encoder.parameters())
-        decoder = list(model.decoder.parameters())
-        noise = list(model.noise.parameters())
+    def _parameter_blocks(self, model):
+        encoder, decoder, noise = (
+            list(part.parameters())
+            for part in (model.encoder, model.decoder, model.noise)
+        )
         if self.training == "alternating":
             # Algorithm 1.1: an encoder (E) step, then a decoder (M) step.
-            return [self._optimizer([encoder, []]), self._optimizer([decoder, noise])]
-        return [self._optimizer([encoder + decoder, noise])]
+            return [(encoder, []), (decoder, noise)]
+        return [(encoder + decoder, noise)]
 
-    def _optimizer(self, groups):
-        rest, noise = groups
-        if self.solver == "adam":
-            return torch.optim.Adam(rest + noise, lr=self.learning_rate_init)
-        lr = self.noise_learning_rate or self.learning_rate_init
-        param_groups = [{"params": rest, "lr": self.learning_rate_init}]
-        if noise:
-            param_groups.append({"params": noise, "lr": lr})
-        return torch.optim.SGD(param_groups, lr=self.learning_rate_init)
-
-    def _optimizer_step(self, model, optimizers, batch, generator, rows=None):
-        loss = None
-        for optimizer in optimizers:
-            model.zero_grad(set_to_none=True)
-            step_loss = self._training_loss(model, batch, generator=generator)
-            step_loss.backward()
-            clip_gradient_norm(optimizer, GRADIENT_CLIP_NORM)
-            optimizer.step()
-            loss = step_loss.detach() if loss is None else loss
-        return loss
-
-    def _begin_epoch(self, model, epoch: int) -> None:
-        ramp = 1.0
-        if self.kl_warmup_epochs and not model.warm:
-            ramp = min(1.0, (epoch + 1) / (self.kl_warmup_epochs + 1))
-        model.kl_weight = self.beta * ramp
-
-    def _training_loss(self, model, batch, *, generator, rows=None):
-        mean, log_var = model.encode(batch)
-        n_draws = (
-            self.n_importance_samples if self.objective == "iwae" else self.n_mc_samples
-        )
-        eps = standard_normal_draws(
-            (n_draws, *mean.shape),
-            generator=generator,
-            dtype=mean.dtype,
-            device=mean.device,
-        )
-        z = reparameterize(mean, log_var, eps)
-        score_function = self.gradient_estimator == "score_function"
-        if score_function:
-            z = z.detach()
-        if self.objective == "iwae":
-            log_w, _, log_q = log_importance_weights(
-                batch, z, mean, log_var, model.decode, prior_weight=model.kl_weight
-            )
-            bound = vimco_iwae(log_w, log_q) if score_function else iwae_bound(log_w)
-            return -bound.mean()
-        log_lik = gaussian_log_likelihood(batch, *model.decode(z))
-        kl = kl_to_standard_normal(mean, log_var)
-        if not score_function:
-            return -sgvb_elbo(log_lik, kl, beta=model.kl_weight).mean()
-        log_q = diagonal_normal_log_density(z, mean, log_var)
-        if n_draws >= 2:
-            baseline = leave_one_out_baseline(log_lik)
-        else:
-            # A control variate independent of the draw: the encoder mean.
-            baseline = gaussian_log_likelihood(batch, *model.decode(mean)).detach()
-        elbo = score_function_elbo(log_lik, log_q, kl, baseline, beta=model.kl_weight)
-        return -elbo.mean()
-
-    def _epoch_scores(self, model, X_train, X_val, train_objective):
-        eps = self._evaluation_draws(
-            min(MONITOR_SAMPLES, self.n_eval_samples), X_train.dtype, X_train.device
-        )
-        stride = max(1, X_train.shape[0] // MONITOR_ROWS)
-        positions = torch.arange(0, X_train.shape[0], stride, device=X_train.device)
-        subset = X_train.take(positions[:MONITOR_ROWS])
-        log_px, elbo = self._estimate(model, subset, eps)
-        scores = {
-            "train_log_likelihood": float(log_px.mean()),
-            "train_elbo": float(elbo.mean()),
-        }
-        if self.amortized_variance:
-            model.noise.summary.fill_(float(self._mean_head_variance(model, subset)))
-        if X_val is not None:
-            log_px, elbo = self._estimate(model, X_val, eps)
-            scores["validation_log_likelihood"] = float(log_px.mean())
-            scores["validation_elbo"] = float(elbo.mean())
-        return scores
-
-    def _store_fitted(self, model):
-        self.encoder_ = model.encoder.cpu().eval()
-        self.decoder_ = model.decoder.cpu().eval()
-        self.noise_ = model.noise.cpu()
-        self.noise_variance_ = float(model.noise().detach())
-
-    # ------------------------------------------------------------ numerics
-    def _evaluation_draws(self, n_draws, dtype, device):
-        # Scrambled Sobol points through the normal inverse CDF: N(0, I)
-        # draws with a lower-variance average than i.i.d. ones.
-        eps, _ = prior_rule(
-            "qmc",
-            self.n_components,
-            n_draws,
-            generator=torch.Generator().manual_seed(EVALUATION_SEED),
-            dtype=dtype,
-            device=device,
-        )
-        return eps
-
-    def _estimate(self, model, x, eps):
-        """Per-row importance-sampled ``log p(x)`` and ELBO with draws ``eps``."""
-        width = max((x.shape[1], *tuple(self.hidden_layer_sizes)))
-        # Encode in row chunks too, so memory stays flat in the number of rows.
-        step = max(1, CHUNK_ELEMENTS // (eps.shape[0] * width))
-        # Preallocated outputs: see sknlica._torch.likelihood.log_marginal_chunked.
-        log_px, elbo = x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
-        with torch.no_grad():
-            for first in range(0, x.shape[0], step):
-                rows = slice(first, first + step)
-                mean, log_var = model.encode(x[rows])
-                log_px[rows], elbo[rows] = importance_sampled_log_likelihood(
-                    x[rows], mean, log_var, model.decode, eps, width=width
-                )
-        return log_px, elbo
-
-    @staticmethod
-    def _mean_head_variance(model, x):
-        with torch.no_grad():
-            mean, _ = model.encode(x)
-            return model.decode(mean)[1].mean()
+    def _width(self, n_features: int) -> int:
+        """The widest layer the decoder produces per latent (sizes chunks)."""
+        return max((n_features, *tuple(self.hidden_layer_sizes)))
 
     # ------------------------------------------------------------ inference
-    def _fitted_model(self, dtype) -> _VAEModel:
-        """The fitted modules in ``dtype``, copied if that differs (never cast
-        the fitted attributes in place)."""
-        model = _VAEModel(
-            self.encoder_, self.decoder_, self.noise_, amortized=self.amortized_variance
-        )
-        if next(self.decoder_.parameters()).dtype != dtype:
-            model = copy.deepcopy(model).to(dtype=dtype)
-        return model.eval()
-
     def _fitted_input(self, X):
         X = self._check_fitted_input(X)
         x = self._to_tensor(X)
-        return x, self._fitted_model(x.dtype)
+        return x, self._inference_model(x.dtype)
+
+    def _estimate(self, X):
+        """Per-row importance-sampled ``log p(x)`` and ELBO (``n_eval_samples``)."""
+        x, model = self._fitted_input(X)
+        eps = evaluation_draws(
+            self.n_components, self.n_eval_samples, dtype=x.dtype, device=x.device
+        )
+        return encoder_estimate(model, x, eps, width=self._width(x.shape[1]))
 
     @uses_torch_threads
     def score_samples(self, X):
@@ -690,9 +354,7 @@ class NonlinearICAVAE(BaseNonlinearICA):
         log_likelihood : ndarray of shape (n_samples,)
             ``log p(x_i)`` in nats, with the dtype of ``X``.
         """
-        x, model = self._fitted_input(X)
-        eps = self._evaluation_draws(self.n_eval_samples, x.dtype, x.device)
-        return self._estimate(model, x, eps)[0].numpy()
+        return self._estimate(X)[0].numpy()
 
     @uses_torch_threads
     def elbo(self, X):
@@ -722,9 +384,7 @@ class NonlinearICAVAE(BaseNonlinearICA):
         >>> vae.elbo(X[:4]).shape
         (4,)
         """
-        x, model = self._fitted_input(X)
-        eps = self._evaluation_draws(self.n_eval_samples, x.dtype, x.device)
-        return self._estimate(model, x, eps)[1].numpy()
+        return self._estimate(X)[1].numpy()
 
     @uses_torch_threads
     def transform(self, X):
@@ -749,7 +409,8 @@ class NonlinearICAVAE(BaseNonlinearICA):
         if not self.amortized_variance:
             return super()._sample_mean_and_variance(Z)
         with torch.no_grad():
-            mean, variance = self._fitted_model(torch.float64).decode(torch.tensor(Z))
+            model = self._inference_model(torch.float64)
+            mean, variance = model.decode(torch.tensor(Z))
         return mean.numpy(), variance.numpy()
 
     @uses_torch_threads
@@ -787,14 +448,8 @@ class NonlinearICAVAE(BaseNonlinearICA):
         (3, 20, 2)
         """
         x, model = self._fitted_input(X)
-        for name, value, least in (
-            ("n_samples", n_samples, 1),
-            ("n_steps", n_steps, 0),
-        ):
-            if not isinstance(value, Integral) or value < least:
-                raise ValueError(
-                    f"{name} should be an integer >= {least}, got {value!r}."
-                )
+        check_count("n_samples", n_samples, 1)
+        check_count("n_steps", n_steps, 0)
         generator = self._seed(check_random_state(random_state))
         with torch.no_grad():
             mean, log_var = model.encode(x)
@@ -806,35 +461,11 @@ class NonlinearICAVAE(BaseNonlinearICA):
             )
             z = reparameterize(mean[:, None], log_var[:, None], eps)
         if n_steps:
-            target, decoder, noise = self._mala_target(model, x)
             z = mala(
-                target,
+                posterior_log_joint(model, x),
                 z,
-                decoder,
-                noise,
                 n_steps=n_steps,
                 step_size=torch.exp(0.5 * log_var).mean(1),
                 generator=generator,
             )
         return z.numpy()
-
-    def _mala_target(self, model, x):
-        """``(rows, decoder, noise_variance)`` whose MALA target is p(z | x)."""
-        if not self.amortized_variance:
-            return x, model.decoder, model.noise().detach()
-        # posterior.log_joint is -(||x - d(z)||^2 / v + ||z||^2) / 2.  With a
-        # z-dependent s^2(z) the first term must be ||x - g||^2 / s^2 + n log
-        # s^2.  With v = 1, d(z) = x - (x - g) / s, and one extra coordinate
-        # (0 in the rows, -sqrt(n log(s^2 / floor)) in d) it is exactly that,
-        # up to a z-independent constant; s^2 > floor keeps the root positive.
-        n_features = x.shape[1]
-        floor = model.noise.floor
-
-        def decoder(z):
-            g, variance = model.decode(z)
-            scaled = (x[:, None, :] - g) / variance.sqrt()[..., None]
-            extra = (n_features * torch.log(variance / floor)).sqrt()
-            return torch.cat([x[:, None, :] - scaled, -extra[..., None]], -1)
-
-        rows = torch.cat([x, x.new_zeros(x.shape[0], 1)], 1)
-        return rows, decoder, x.new_tensor(1.0)

@@ -6,8 +6,9 @@ import torch
 from scipy.stats import multivariate_normal
 
 from sknlica._torch import adaptive
+from sknlica._torch.gaussian import latent_log_joint, pairwise_log_joint
 from sknlica._torch.integration import grid_rule, prior_rule
-from sknlica._torch.likelihood import log_joint_weights, log_marginal_chunked
+from sknlica._torch.likelihood import log_marginal_chunked
 from sknlica.datasets import make_nonlinear_ica
 
 #: The issue's target: mean |error| of log p(x) per row, nats.
@@ -86,8 +87,8 @@ def test_mode_search_never_decreases_the_joint():
     s2 = torch.tensor(0.01, dtype=torch.float64)
     start = _start(x, mixing, s2)
     mode, _ = adaptive.find_mode(x, mixing, s2, start[0])
-    before = adaptive.log_joint(x, start[0][:, None], mixing, s2)
-    after = adaptive.log_joint(x, mode[:, None], mixing, s2)
+    before = latent_log_joint(x, start[0][:, None], mixing, s2)
+    after = latent_log_joint(x, mode[:, None], mixing, s2)
     assert torch.all(after >= before - 1e-9)
     assert torch.any(after > before + 1e-3)  # the search moved somewhere
 
@@ -193,7 +194,9 @@ def test_resampled_draws_come_from_the_posterior_bulk():
     )
     # Reference posterior moments from a dense grid.
     nodes, log_weights = grid_rule(2, 600**2, half_width=8)
-    weights = torch.softmax(log_joint_weights(x, mixing(nodes), log_weights, s2), dim=1)
+    weights = torch.softmax(
+        pairwise_log_joint(x, mixing(nodes), log_weights, s2), dim=1
+    )
     mean = weights @ nodes
     spread = (weights @ nodes.square() - mean.square()).mean(1)
     assert draws.shape == (4, 2000, 2)
@@ -232,7 +235,7 @@ def oracle_small_noise():
     model.noise_variance_ = SMALL_NOISE
     x = torch.tensor(X)
     nodes, log_weights = grid_rule(2, 600**2, half_width=8)
-    joint = log_joint_weights(
+    joint = pairwise_log_joint(
         x, mixing(nodes), log_weights, torch.tensor(SMALL_NOISE, dtype=torch.float64)
     )
     reference = torch.logsumexp(joint, 1).numpy()
@@ -317,77 +320,9 @@ def test_decoder_jacobian_matches_autograd():
         np.testing.assert_allclose(jacobian[row].detach(), expected, atol=1e-12)
 
 
-def _linear_training_model(integration, s2=0.01, n_rows=60):
-    """An ``_MLEModel`` with a linear decoder, its data and exact log p(x)."""
-    from sknlica import NonlinearICAMLE
-    from sknlica._mle import _MLEModel
-    from sknlica._torch.networks import NoiseVariance
-
-    rng = np.random.default_rng(0)
-    a, b = rng.normal(size=(6, 2)) * 3, rng.normal(size=6)
-    X = rng.normal(size=(n_rows, 2)) @ a.T + b
-    X += np.sqrt(s2) * rng.normal(size=X.shape)
-    linear = torch.nn.Linear(2, 6, dtype=torch.float64)
-    with torch.no_grad():
-        linear.weight.copy_(torch.tensor(a))
-        linear.bias.copy_(torch.tensor(b))
-    estimator = NonlinearICAMLE(integration=integration, random_state=0)
-    generator = torch.Generator().manual_seed(0)
-    sampler = estimator._node_sampler(generator, torch.float64, "cpu")
-    noise = NoiseVariance(s2, learn=False, floor=0.0, dtype=torch.float64, device="cpu")
-    model = _MLEModel(linear, noise, sampler)
-    exact = multivariate_normal(b, a @ a.T + s2 * np.eye(6)).logpdf(X)
-    return estimator, model, torch.tensor(X), exact, generator
-
-
-@pytest.mark.parametrize("integration", ["auto", "adaptive"])
-def test_training_loss_with_warm_starts_matches_closed_form(integration):
-    estimator, model, x, exact, generator = _linear_training_model(integration)
-    model.low_ess_rule = True  # what "auto" does once the noise is small
-    rows = torch.arange(len(x)).flip(0)  # positions need not follow x's order
-    estimates = []
-    for _ in range(8):  # a cold start, then warm starts from the cached modes
-        loss = estimator._training_loss(model, x, generator=generator, rows=rows)
-        estimates.append(-float(loss.detach()))
-        assert torch.all(torch.isfinite(model.modes))
-    # All rows share each step's normals and, the decoder being linear, have
-    # the same whitened posterior: a step's error is common to its rows
-    # (measured -0.048 to 0.024 nats), and averages out over steps (-0.005).
-    errors = np.array(estimates) - exact.mean()
-    assert np.abs(errors).max() <= 0.1 and abs(errors.mean()) <= 0.02
-    # The cached modes are the linear-Gaussian posterior modes of their rows.
-    a, b = model.decoder.weight.detach(), model.decoder.bias.detach()
-    precision = a.T @ a / 0.01 + torch.eye(2, dtype=torch.float64)
-    modes = torch.linalg.solve(precision, a.T @ (x - b).T / 0.01).T
-    np.testing.assert_allclose(model.modes[rows], modes, atol=1e-6)
-    if integration == "auto":
-        # Without the switch, the prior grid's estimate is far off here.
-        model.low_ess_rule = False
-        loss = estimator._training_loss(model, x, generator=generator, rows=rows)
-        assert abs(-float(loss.detach()) - exact.mean()) > 0.5
-
-
-def test_warm_start_keeps_the_better_of_cache_and_prior_node():
-    estimator, model, x, _, _ = _linear_training_model("adaptive", n_rows=8)
-    noise = model.noise()
-    point = torch.zeros(8, 2, dtype=torch.float64)
-    rows = torch.arange(8)
-    # Empty cache: the prior start is kept and the search is not warm.
-    start, warm = estimator._warm_start(model, x, point, rows, noise)
-    assert not warm and torch.equal(start, point)
-    # Half the rows cached at their true modes, half at a far-off point.
-    good, _ = adaptive.find_mode(x, model.decoder, noise, point, n_steps=8)
-    model.modes[:4] = good[:4]
-    model.modes[4:] = 50.0
-    start, warm = estimator._warm_start(model, x, point, rows, noise)
-    assert warm
-    torch.testing.assert_close(start[:4], good[:4])
-    torch.testing.assert_close(start[4:], point[4:])
-
-
 def test_auto_switches_to_adaptive_training_only_when_noise_is_small():
     from sknlica import NonlinearICAMLE
-    from sknlica._mle import AUTO_SWITCH_FRACTION
+    from sknlica._torch.mle_objectives import AUTO_SWITCH_FRACTION
 
     kwargs = dict(hidden_layer_sizes=(16,), max_iter=2, random_state=0)
     X, _ = make_nonlinear_ica(300, 2, 6, noise_variance=1e-3, random_state=0)

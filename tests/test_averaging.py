@@ -10,7 +10,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import InvalidParameterError
 
-import sknlica._base
+import sknlica._torch.training
 from sknlica import NonlinearICAMLE, NonlinearICAVAE
 from sknlica._torch.averaging import ParameterAverage
 from sknlica.datasets import make_nonlinear_ica
@@ -99,7 +99,7 @@ class _RecordingAverage(ParameterAverage):
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_fit_keeps_the_average_of_the_best_epoch(estimator, data, monkeypatch):
     _RecordingAverage.instances = []
-    monkeypatch.setattr(sknlica._base, "ParameterAverage", _RecordingAverage)
+    monkeypatch.setattr(sknlica._torch.training, "ParameterAverage", _RecordingAverage)
     model = estimator(
         hidden_layer_sizes=(8,),
         max_iter=6,
@@ -128,7 +128,7 @@ def test_fit_keeps_the_average_of_the_best_epoch(estimator, data, monkeypatch):
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_zero_decay_trains_without_averaging(estimator, data, monkeypatch):
     _RecordingAverage.instances = []
-    monkeypatch.setattr(sknlica._base, "ParameterAverage", _RecordingAverage)
+    monkeypatch.setattr(sknlica._torch.training, "ParameterAverage", _RecordingAverage)
     settings = {
         "hidden_layer_sizes": (8,),
         "max_iter": 3,

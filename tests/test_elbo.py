@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy import stats
 
-from sknlica._torch import elbo
+from sknlica._torch import elbo, gaussian, networks
 from sknlica._torch.integration import prior_rule
 from sknlica._torch.networks import make_mlp
 
@@ -81,7 +81,7 @@ class RandomModel:
         nodes, log_weights = prior_rule("gauss_hermite", self.m, nodes_per_axis**self.m)
         with torch.no_grad():
             g, variance = self.decode(nodes)
-            log_lik = elbo.gaussian_log_likelihood(x[:, None, :], g[None], variance)
+            log_lik = gaussian.isotropic_log_density(x[:, None, :], g[None], variance)
         return torch.logsumexp(log_lik + log_weights, 1)
 
 
@@ -111,7 +111,7 @@ def _iwae_replicates(model, x, n_draws, n_replicates, seed):
     """``n_replicates`` independent IWAE_K estimates per row, shape (R, B)."""
     shape = (n_replicates * n_draws, *model.mean.shape)
     eps = torch.randn(shape, generator=_generator(seed), dtype=F64)
-    z = elbo.reparameterize(model.mean, model.log_var, eps)
+    z = gaussian.reparameterize(model.mean, model.log_var, eps)
     log_w, _, _ = elbo.log_importance_weights(
         x, z, model.mean, model.log_var, model.decode
     )
@@ -124,12 +124,12 @@ def _iwae_replicates(model, x, n_draws, n_replicates, seed):
 @PROPERTY
 def test_analytic_kl_matches_monte_carlo(params, seed):
     mean, log_var = (torch.tensor(p) for p in params)
-    kl = elbo.kl_to_standard_normal(mean, log_var)
+    kl = gaussian.kl_to_standard_normal(mean, log_var)
     eps = torch.randn(20000, mean.shape[0], generator=_generator(seed), dtype=F64)
-    z = elbo.reparameterize(mean, log_var, eps)
-    samples = elbo.diagonal_normal_log_density(
+    z = gaussian.reparameterize(mean, log_var, eps)
+    samples = gaussian.diagonal_normal_log_density(
         z, mean, log_var
-    ) - elbo.standard_normal_log_density(z)
+    ) - gaussian.standard_normal_log_density(z)
     estimate, se = _mean_and_se(samples)
     assert abs(float(kl - estimate)) <= N_SE * float(se) + 1e-12
 
@@ -138,8 +138,8 @@ def test_analytic_kl_matches_monte_carlo(params, seed):
 @PROPERTY
 def test_kl_is_zero_only_at_the_prior(params):
     mean, log_var = (torch.tensor(p) for p in params)
-    assert float(elbo.kl_to_standard_normal(torch.zeros(3), torch.zeros(3))) == 0.0
-    kl = float(elbo.kl_to_standard_normal(mean, log_var))
+    assert float(gaussian.kl_to_standard_normal(torch.zeros(3), torch.zeros(3))) == 0.0
+    kl = float(gaussian.kl_to_standard_normal(mean, log_var))
     # 0.5 * (mu^2 + e^v - 1 - v) >= 0 with equality iff mu = v = 0; below
     # |mu|, |v| ~ 1e-8 the positive value underflows against the 1.
     if torch.all(mean.abs() < 1e-6) and torch.all(log_var.abs() < 1e-6):
@@ -153,7 +153,7 @@ def test_densities_match_scipy():
     x, mean = rng.normal(size=(2, 5, 4))
     log_var = rng.normal(size=(5, 4))
     variance = np.exp(rng.normal(size=5))
-    got = elbo.gaussian_log_likelihood(
+    got = gaussian.isotropic_log_density(
         torch.tensor(x), torch.tensor(mean), torch.tensor(variance)
     )
     expected = [
@@ -161,12 +161,12 @@ def test_densities_match_scipy():
         for i in range(5)
     ]
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
-    got = elbo.diagonal_normal_log_density(
+    got = gaussian.diagonal_normal_log_density(
         torch.tensor(x), torch.tensor(mean), torch.tensor(log_var)
     )
     expected = stats.norm(mean, np.exp(0.5 * log_var)).logpdf(x).sum(1)
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
-    got = elbo.standard_normal_log_density(torch.tensor(x))
+    got = gaussian.standard_normal_log_density(torch.tensor(x))
     np.testing.assert_allclose(got.numpy(), stats.norm().logpdf(x).sum(1))
 
 
@@ -174,7 +174,7 @@ def test_densities_match_scipy():
 @PROPERTY
 def test_soft_clamp_stays_in_range_and_is_identity_inside(values):
     v = torch.tensor(values, requires_grad=True)
-    out = elbo.soft_clamp(v, -20.0, 5.0)
+    out = networks.soft_clamp(v, -20.0, 5.0)
     assert torch.all((out >= -20.0) & (out <= 5.0))
     inside = (v > -15) & (v < 0)
     torch.testing.assert_close(out[inside], v[inside], atol=1e-2, rtol=0)
@@ -198,9 +198,9 @@ def test_bounds_are_ordered_in_expectation_up_to_log_px(model, seed):
         eps = torch.randn(
             (4000, *model.mean.shape), generator=_generator(seed), dtype=F64
         )
-        z = elbo.reparameterize(model.mean, model.log_var, eps)
-        log_lik = elbo.gaussian_log_likelihood(x, *model.decode(z))
-    kl = elbo.kl_to_standard_normal(model.mean, model.log_var)
+        z = gaussian.reparameterize(model.mean, model.log_var, eps)
+        log_lik = gaussian.isotropic_log_density(x, *model.decode(z))
+    kl = gaussian.kl_to_standard_normal(model.mean, model.log_var)
     elbo_mean, elbo_se = _mean_and_se(log_lik - kl)
     # With the analytic KL the ELBO is exactly E[IWAE_1].
     assert torch.all(
@@ -248,7 +248,7 @@ def test_exact_posterior_makes_every_bound_tight():
     sobol, _ = prior_rule("qmc", 2, 2**12, generator=_generator(0))
     _, bound = elbo.importance_sampled_log_likelihood(xt, mean, log_var, decode, sobol)
     np.testing.assert_allclose(bound.numpy(), expected, atol=EXACT_ELBO_ATOL)
-    z = elbo.reparameterize(mean, log_var, eps[:, None])
+    z = gaussian.reparameterize(mean, log_var, eps[:, None])
     log_w, _, _ = elbo.log_importance_weights(xt, z, mean, log_var, decode)
     np.testing.assert_allclose(
         log_w.numpy(), np.broadcast_to(expected, (64, 5)), rtol=1e-12
@@ -322,18 +322,18 @@ def _gradients(objective, mean, log_var):
 def _elbo_gradients(model, n_draws, estimator, seed, n_replicates=20000):
     x, mean, log_var = _replicated_leaves(model, n_replicates)
     eps = torch.randn((n_draws, *mean.shape), generator=_generator(seed), dtype=F64)
-    z = elbo.reparameterize(mean, log_var, eps)
-    kl = elbo.kl_to_standard_normal(mean, log_var)
+    z = gaussian.reparameterize(mean, log_var, eps)
+    kl = gaussian.kl_to_standard_normal(mean, log_var)
     if estimator == "reparameterization":
-        log_lik = elbo.gaussian_log_likelihood(x, *model.decode(z))
+        log_lik = gaussian.isotropic_log_density(x, *model.decode(z))
         return _gradients(elbo.sgvb_elbo(log_lik, kl), mean, log_var)
     z = z.detach()
-    log_lik = elbo.gaussian_log_likelihood(x, *model.decode(z))
-    log_q = elbo.diagonal_normal_log_density(z, mean, log_var)
+    log_lik = gaussian.isotropic_log_density(x, *model.decode(z))
+    log_q = gaussian.diagonal_normal_log_density(z, mean, log_var)
     if n_draws >= 2:
         baseline = elbo.leave_one_out_baseline(log_lik)
     else:
-        baseline = elbo.gaussian_log_likelihood(x, *model.decode(mean)).detach()
+        baseline = gaussian.isotropic_log_density(x, *model.decode(mean)).detach()
     objective = elbo.score_function_elbo(log_lik, log_q, kl, baseline)
     return _gradients(objective, mean, log_var)
 
@@ -341,7 +341,7 @@ def _elbo_gradients(model, n_draws, estimator, seed, n_replicates=20000):
 def _iwae_gradients(model, n_draws, estimator, seed, n_replicates=20000):
     x, mean, log_var = _replicated_leaves(model, n_replicates)
     eps = torch.randn((n_draws, *mean.shape), generator=_generator(seed), dtype=F64)
-    z = elbo.reparameterize(mean, log_var, eps)
+    z = gaussian.reparameterize(mean, log_var, eps)
     if estimator == "score_function":
         z = z.detach()
     log_w, _, log_q = elbo.log_importance_weights(x, z, mean, log_var, model.decode)
@@ -381,11 +381,11 @@ def test_score_function_surrogate_values_are_the_bounds():
     model = RandomModel(7, 2, 3, amortized=False)
     x, mean, log_var = model.rows, model.mean, model.log_var
     eps = torch.randn(5, 3, 2, generator=_generator(0), dtype=F64)
-    z = elbo.reparameterize(mean, log_var, eps)
+    z = gaussian.reparameterize(mean, log_var, eps)
     log_w, log_lik, log_q = elbo.log_importance_weights(
         x, z, mean, log_var, model.decode
     )
-    kl = elbo.kl_to_standard_normal(mean, log_var)
+    kl = gaussian.kl_to_standard_normal(mean, log_var)
     baseline = elbo.leave_one_out_baseline(log_lik)
     torch.testing.assert_close(
         elbo.score_function_elbo(log_lik, log_q, kl, baseline),

@@ -23,7 +23,15 @@ from hypothesis import strategies as st
 from scipy import integrate, stats
 from scipy.special import logsumexp
 
-from sknlica._torch import integration, likelihood, networks
+from sknlica._torch import chunks, gaussian, integration, likelihood, networks
+
+
+def posterior_mean_chunked(x, g, nodes, log_weights, s2, **kwargs):
+    """``E[z | x]`` of every row from :func:`likelihood.prior_rule_pass`."""
+    return likelihood.prior_rule_pass(
+        x, g, log_weights, s2, nodes=nodes, **kwargs
+    ).posterior_mean
+
 
 PROPERTY = settings(
     derandomize=True,
@@ -115,14 +123,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     offset=st.sampled_from([0.0, 5.0, -100.0]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_log_likelihood_matrix_matches_direct(
+def test_pairwise_log_density_matches_direct(
     batch, n_nodes, n_features, log10_variance, offset, seed
 ):
     gen = torch.Generator().manual_seed(seed)
     x = offset + randn(gen, batch, n_features)
     g = offset + randn(gen, n_nodes, n_features)
     s2 = torch.tensor(10.0**log10_variance, dtype=F64)
-    got = likelihood.log_likelihood_matrix(x, g, s2)
+    got = gaussian.pairwise_log_density(x, g, s2)
     assert got.shape == (batch, n_nodes)
     torch.testing.assert_close(
         got,
@@ -132,7 +140,7 @@ def test_log_likelihood_matrix_matches_direct(
     )
 
 
-def test_log_likelihood_matrix_matches_multivariate_normal():
+def test_pairwise_log_density_matches_multivariate_normal():
     gen = torch.Generator().manual_seed(0)
     x, g = randn(gen, 6, 4), randn(gen, 5, 4)
     s2 = torch.tensor(0.3, dtype=F64)
@@ -141,14 +149,14 @@ def test_log_likelihood_matrix_matches_multivariate_normal():
     )
     expected = mvn.log_prob(x[:, None, :])  # broadcast (6, 1, 4) over (5,) -> (6, 5)
     torch.testing.assert_close(
-        likelihood.log_likelihood_matrix(x, g, s2), expected, rtol=0, atol=1e-12
+        gaussian.pairwise_log_density(x, g, s2), expected, rtol=0, atol=1e-12
     )
-    sq = likelihood.squared_distances(x, g)
+    sq = gaussian.squared_distances(x, g)
     assert (sq >= 0).all()
     torch.testing.assert_close(sq, torch.cdist(x, g) ** 2, rtol=1e-12, atol=1e-12)
 
 
-def test_log_likelihood_matrix_float32_large_mean():
+def test_pairwise_log_density_float32_large_mean():
     gen = torch.Generator().manual_seed(1)
     batch, n_nodes, n_features = 64, 128, 1000
     x32 = (1000 + randn(gen, batch, n_features)).float()
@@ -156,7 +164,7 @@ def test_log_likelihood_matrix_float32_large_mean():
     s2 = torch.tensor(1.0)
     # Reference: float64 direct evaluation of the same float32-rounded inputs.
     ref = direct_log_likelihood(x32.double(), g32.double(), s2.double())
-    got = likelihood.log_likelihood_matrix(x32, g32, s2)
+    got = gaussian.pairwise_log_density(x32, g32, s2)
     assert got.dtype == torch.float32
     assert (got.double() - ref).abs().max().item() < LARGE_MEAN_F32_ATOL
     # The regime is discriminating: the uncentred expansion is off by ~400.
@@ -165,13 +173,13 @@ def test_log_likelihood_matrix_float32_large_mean():
     assert (naive.double() - ref).abs().max().item() > 100 * LARGE_MEAN_F32_ATOL
 
 
-def test_log_joint_weights_adds_log_weights():
+def test_pairwise_log_joint_adds_log_weights():
     gen = torch.Generator().manual_seed(2)
     x, g = randn(gen, 3, 2), randn(gen, 4, 2)
     log_weights = torch.log_softmax(randn(gen, 4), 0)
     s2 = torch.tensor(0.5, dtype=F64)
     torch.testing.assert_close(
-        likelihood.log_joint_weights(x, g, log_weights, s2),
+        gaussian.pairwise_log_joint(x, g, log_weights, s2),
         direct_log_likelihood(x, g, s2) + log_weights,
         rtol=0,
         atol=1e-12,
@@ -479,7 +487,7 @@ def _linear_marginal(rule: str, m: int, n_nodes: int, a, b, s2, x, seed=0):
     s2 = torch.tensor(s2, dtype=F64)
     x = torch.from_numpy(x)
     log_marginal = likelihood.log_marginal_chunked(x, g, log_weights, s2)
-    posterior = likelihood.posterior_mean_chunked(x, g, nodes, log_weights, s2)
+    posterior = posterior_mean_chunked(x, g, nodes, log_weights, s2)
     return log_marginal.numpy(), posterior.numpy()
 
 
@@ -616,13 +624,13 @@ def test_tanh_decoder_gauss_hermite_matches_adaptive_quadrature(seed):
     [(10, 100, 10), (10, 105, 10), (10, 5, 1), (1, 7, 7), (1000, 2**22, 4194)],
 )
 def test_chunk_rows(n_nodes, max_elements, rows):
-    assert likelihood.chunk_rows(n_nodes, max_elements) == rows
+    assert chunks.chunk_rows(n_nodes, max_elements) == rows
 
 
 @PROPERTY
 @given(n_nodes=st.integers(1, 10_000), max_elements=st.integers(1, 10**7))
 def test_chunk_rows_bounds_the_temporary(n_nodes, max_elements):
-    rows = likelihood.chunk_rows(n_nodes, max_elements)
+    rows = chunks.chunk_rows(n_nodes, max_elements)
     assert rows >= 1
     if n_nodes <= max_elements:
         assert rows * n_nodes <= max_elements < (rows + 1) * n_nodes
@@ -650,20 +658,20 @@ def test_chunked_is_invariant_to_chunking_order_and_subsets(
     tiny = dict(max_elements=max_elements)
 
     ref_lm = likelihood.log_marginal_chunked(x, g, log_weights, s2, **whole)
-    ref_pm = likelihood.posterior_mean_chunked(x, g, nodes, log_weights, s2, **whole)
+    ref_pm = posterior_mean_chunked(x, g, nodes, log_weights, s2, **whole)
     assert ref_lm.shape == (batch,)
     assert ref_pm.shape == (batch, m)
     torch.testing.assert_close(
         ref_lm, direct_log_marginal(x, g, log_weights, s2), rtol=CHUNK_RTOL, atol=0
     )
     lm = likelihood.log_marginal_chunked(x, g, log_weights, s2, **tiny)
-    pm = likelihood.posterior_mean_chunked(x, g, nodes, log_weights, s2, **tiny)
+    pm = posterior_mean_chunked(x, g, nodes, log_weights, s2, **tiny)
     torch.testing.assert_close(lm, ref_lm, rtol=CHUNK_RTOL, atol=0)
     torch.testing.assert_close(pm, ref_pm, rtol=CHUNK_RTOL, atol=CHUNK_RTOL)
 
     perm = torch.randperm(batch, generator=gen)
     lm = likelihood.log_marginal_chunked(x[perm], g, log_weights, s2, **tiny)
-    pm = likelihood.posterior_mean_chunked(x[perm], g, nodes, log_weights, s2, **tiny)
+    pm = posterior_mean_chunked(x[perm], g, nodes, log_weights, s2, **tiny)
     torch.testing.assert_close(lm, ref_lm[perm], rtol=CHUNK_RTOL, atol=0)
     torch.testing.assert_close(pm, ref_pm[perm], rtol=CHUNK_RTOL, atol=CHUNK_RTOL)
 
@@ -685,6 +693,4 @@ def test_chunked_functions_do_not_build_a_graph():
     s2 = torch.tensor(1.0, dtype=F64)
     assert not likelihood.log_marginal_chunked(x, g, log_weights, s2).requires_grad
     nodes = randn(gen, 5, 2)
-    assert not likelihood.posterior_mean_chunked(
-        x, g, nodes, log_weights, s2
-    ).requires_grad
+    assert not posterior_mean_chunked(x, g, nodes, log_weights, s2).requires_grad

@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _doubles import hooked
 from scipy.stats import multivariate_normal
 from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
@@ -14,7 +15,7 @@ from sklearn.utils._param_validation import InvalidParameterError
 
 from sknlica import NonlinearICAMLE, TrainingDivergedError, marginal_log_likelihood
 from sknlica._torch.integration import prior_rule
-from sknlica._torch.likelihood import posterior_mean_chunked
+from sknlica._torch.likelihood import prior_rule_pass
 from sknlica.datasets import make_nonlinear_ica
 from sknlica.metrics import ProcrustesScorer, procrustes_disparity
 
@@ -50,7 +51,8 @@ def _true_posterior_mean(mixing, X, n_nodes=2**16):
     )
     g = mixing(nodes)
     s2 = torch.tensor(mixing.noise_variance, dtype=torch.float64)
-    return posterior_mean_chunked(torch.tensor(X), g, nodes, log_weights, s2).numpy()
+    x = torch.tensor(X)
+    return prior_rule_pass(x, g, log_weights, s2, nodes=nodes).posterior_mean.numpy()
 
 
 class _Fixed:
@@ -457,23 +459,7 @@ def test_early_stopping_needs_enough_rows():
 
 
 # ------------------------------------------------------------------- faults
-class _DivergesAtStep(NonlinearICAMLE):
-    """Test double: the loss turns NaN at a chosen training step."""
-
-    def _training_loss(self, model, batch, *, generator, rows=None):
-        self._steps = getattr(self, "_steps", 0) + 1
-        loss = super()._training_loss(model, batch, generator=generator)
-        return loss * np.nan if self._steps >= self.fail_at else loss
-
-
-class _InterruptedAtStep(NonlinearICAMLE):
-    """Test double: a KeyboardInterrupt arrives at a chosen training step."""
-
-    def _training_loss(self, model, batch, *, generator, rows=None):
-        self._steps = getattr(self, "_steps", 0) + 1
-        if self._steps >= self.fail_at:
-            raise KeyboardInterrupt
-        return super()._training_loss(model, batch, generator=generator)
+_DivergesAtStep = _InterruptedAtStep = hooked(NonlinearICAMLE)
 
 
 def test_non_finite_loss_keeps_the_best_finite_model(relu_data):
@@ -499,7 +485,7 @@ def test_non_finite_loss_in_the_first_epoch_leaves_no_model(relu_data):
 def test_keyboard_interrupt_keeps_the_best_model(relu_data):
     X = relu_data[0][:256]
     model = _InterruptedAtStep(**FAST, random_state=0)
-    model.fail_at = 5
+    model.interrupt_at = 5
     with pytest.warns(UserWarning, match="interrupted after 2 epochs"):
         model.fit(X)
     assert model.n_iter_ == 2 and not model.converged_

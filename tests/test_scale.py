@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _doubles import hooked
 from sklearn.exceptions import ConvergenceWarning
 
 from sknlica import NonlinearICAMLE, NonlinearICAVAE, TrainingDivergedError
@@ -103,14 +104,7 @@ def test_partial_fit_rejects_a_different_feature_count(Estimator, data):
         model.partial_fit(data[:, :4])
 
 
-class _MLEDivergingOnCall(NonlinearICAMLE):
-    """Test double: every training loss is NaN once ``fail`` is set."""
-
-    fail = False
-
-    def _training_loss(self, model, batch, *, generator, rows=None):
-        loss = super()._training_loss(model, batch, generator=generator)
-        return loss * np.nan if self.fail else loss
+_MLEDivergingOnCall = _MLERecordingThreads = hooked(NonlinearICAMLE)
 
 
 def test_diverged_partial_fit_keeps_the_previous_model(data):
@@ -126,14 +120,6 @@ def test_diverged_partial_fit_keeps_the_previous_model(data):
 
 
 # ---------------------------------------------------------------- n_threads
-class _MLERecordingThreads(NonlinearICAMLE):
-    """Test double: records torch's thread count while training."""
-
-    def _training_loss(self, model, batch, *, generator, rows=None):
-        self.seen_threads_ = torch.get_num_threads()
-        return super()._training_loss(model, batch, generator=generator)
-
-
 def test_n_threads_applies_inside_and_is_restored_after(data):
     outside = torch.get_num_threads()
     inside = 2 if outside == 1 else 1
@@ -141,10 +127,10 @@ def test_n_threads_applies_inside_and_is_restored_after(data):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         model.fit(data)
-    assert model.seen_threads_ == inside
+    assert model.seen_threads == inside
     assert torch.get_num_threads() == outside
     model.partial_fit(data)
-    assert model.seen_threads_ == inside
+    assert model.seen_threads == inside
     assert torch.get_num_threads() == outside
 
 
@@ -232,7 +218,7 @@ def _can_reset_peak_memory():
     "estimator, extra",
     [
         # Enough evaluation nodes that the validation pass works in chunks of
-        # their fixed size (sknlica._torch.likelihood.CHUNK_ELEMENTS) at both sizes.
+        # their fixed size (sknlica._torch.chunks.PAIRWISE_ELEMENTS) at both sizes.
         ("NonlinearICAMLE", "n_nodes=256, n_eval_nodes=1024"),
         ("NonlinearICAVAE", "n_importance_samples=2"),
     ],

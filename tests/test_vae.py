@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _doubles import hooked
 from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import GridSearchCV
@@ -15,8 +16,6 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils._param_validation import InvalidParameterError
 
 from sknlica import NonlinearICAVAE, TrainingDivergedError, marginal_log_likelihood
-from sknlica._torch import elbo as elbo_lib
-from sknlica._torch.posterior import log_joint
 from sknlica.datasets import make_nonlinear_ica
 
 FAST = {"max_iter": 4, "n_eval_samples": 256, "hidden_layer_sizes": (16,)}
@@ -313,21 +312,21 @@ def test_sample_posterior_with_mcmc_reaches_the_exact_posterior():
 
 
 def test_mcmc_target_of_the_amortized_head_is_the_joint(relu_data):
+    from sknlica._torch.vae_objectives import posterior_log_joint
+
     model = NonlinearICAVAE(**FAST, amortized_variance=True, random_state=0)
     model.fit(relu_data[0][:300])
     x = torch.tensor(relu_data[1][:3])
-    fitted = model._fitted_model(torch.float64)
-    rows, decoder, unit = model._mala_target(fitted, x)
     z = torch.randn(3, 50, 2, generator=torch.Generator().manual_seed(0), dtype=x.dtype)
     with torch.no_grad():
-        got = log_joint(rows, z, decoder, unit)
-        g, variance = fitted.decode(z)
-        expected = elbo_lib.gaussian_log_likelihood(
-            x[:, None, :], g, variance
-        ) + elbo_lib.standard_normal_log_density(z)
-    # Equal up to a constant per row.
-    difference = got - expected
-    torch.testing.assert_close(difference, difference[:, :1].expand_as(difference))
+        got = posterior_log_joint(model._inference_model(torch.float64), x)(z)
+        # Independent oracle: torch.distributions with the head's s^2(z).
+        h = model.decoder_[:-2](z)
+        g, variance = model.decoder_[-2:](h), model.noise_(h)
+        normal = torch.distributions.Normal(g, variance.sqrt()[..., None])
+        prior = torch.distributions.Normal(torch.zeros(()), torch.ones(()))
+        expected = normal.log_prob(x[:, None, :]).sum(-1) + prior.log_prob(z).sum(-1)
+    torch.testing.assert_close(got, expected)
 
 
 # -------------------------------------------------------------- sklearn glue
@@ -458,23 +457,7 @@ def test_inconsistent_parameters_explain_the_fix(params, match):
 
 
 # ------------------------------------------------------------------- faults
-class _DivergesAtStep(NonlinearICAVAE):
-    """Test double: the loss turns NaN at a chosen training step."""
-
-    def _training_loss(self, model, batch, *, generator, rows=None):
-        self._steps = getattr(self, "_steps", 0) + 1
-        loss = super()._training_loss(model, batch, generator=generator)
-        return loss * np.nan if self._steps >= self.fail_at else loss
-
-
-class _InterruptedAtStep(NonlinearICAVAE):
-    """Test double: a KeyboardInterrupt arrives at a chosen training step."""
-
-    def _training_loss(self, model, batch, *, generator, rows=None):
-        self._steps = getattr(self, "_steps", 0) + 1
-        if self._steps >= self.fail_at:
-            raise KeyboardInterrupt
-        return super()._training_loss(model, batch, generator=generator)
+_DivergesAtStep = _InterruptedAtStep = hooked(NonlinearICAVAE)
 
 
 def test_non_finite_loss_keeps_the_best_finite_model(relu_data):
@@ -501,7 +484,7 @@ def test_non_finite_loss_in_the_first_epoch_leaves_no_model(relu_data):
 def test_keyboard_interrupt_keeps_the_best_model(relu_data):
     X = relu_data[0][:256]
     model = _InterruptedAtStep(**FAST, random_state=0)
-    model.fail_at = 5
+    model.interrupt_at = 5
     with pytest.warns(UserWarning, match="interrupted after 2 epochs"):
         model.fit(X)
     assert model.n_iter_ == 2 and not model.converged_
@@ -514,7 +497,7 @@ def test_failed_warm_start_leaves_the_fitted_model_intact(relu_data):
     model.fail_at = 10**9
     model.fit(X)
     before = model.score_samples(X)
-    model.fail_at = model._steps + 1  # the warm fit's first step
+    model.fail_at = model.steps + 1  # the warm fit's first step
     with pytest.raises(TrainingDivergedError, match="first epoch"):
         model.fit(X)
     np.testing.assert_array_equal(model.score_samples(X), before)
@@ -523,7 +506,7 @@ def test_failed_warm_start_leaves_the_fitted_model_intact(relu_data):
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gradient_clipping_matches_torch(scale, dtype):
-    from sknlica._vae import clip_gradient_norm
+    from sknlica._torch.training import clip_gradient_norm
 
     generator = torch.Generator().manual_seed(0)
     shapes = [(64, 20), (64,), (2, 64), (2,)]

@@ -35,12 +35,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch.autograd import forward_ad
 
-from sknlica._torch.integration import sobol_uniforms, uniforms_to_normal
-from sknlica._torch.likelihood import log_joint_weights
+from sknlica._torch.chunks import ADAPTIVE_POINTS
+from sknlica._torch.gaussian import (
+    cholesky_normal_log_density,
+    latent_log_joint,
+    pairwise_log_joint,
+    standard_normal_log_density,
+)
+from sknlica._torch.integration import ShiftedSobol, sobol_uniforms, uniforms_to_normal
 
 #: Widening ``c`` of the Laplace covariance.  Measured against dense quadrature
 #: on the report's relu and tanh generators (m = 2, n = 10, sigma in {1, 0.3,
@@ -65,33 +72,16 @@ NEWTON_STEPS = 8
 #: ``0`` makes every step monotone in ``log p(x, z)``.
 STEP_FRACTIONS = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.0)
 
-#: Decoder evaluations per chunk of rows (rows x nodes per row) in evaluation.
-CHUNK_POINTS = 2**16
 
-LOG_2PI = math.log(2 * math.pi)
+class ProposalStart(NamedTuple):
+    """Where each row's proposal starts, from a prior rule's posterior weights."""
 
-
-def log_joint(
-    x: torch.Tensor,
-    z: torch.Tensor,
-    decoder: Callable[[torch.Tensor], torch.Tensor],
-    noise_variance: torch.Tensor,
-) -> torch.Tensor:
-    """``log phi(x_i; g(z_ik), sigma^2 I) + log phi(z_ik; 0, I)``, shape ``(B, K)``.
-
-    ``x`` has shape ``(B, n)`` and ``z`` shape ``(B, K, m)``: ``K`` latents per
-    row, decoded in one call on ``B * K`` points.
-    """
-    rows, n_nodes, n_components = z.shape
-    g = decoder(z.reshape(rows * n_nodes, n_components)).reshape(rows, n_nodes, -1)
-    n_features = x.shape[1]
-    squared = (x[:, None, :] - g).square().sum(-1)
-    return -0.5 * (
-        n_features * torch.log(2 * math.pi * noise_variance)
-        + squared / noise_variance
-        + n_components * LOG_2PI
-        + z.square().sum(-1)
-    )
+    #: The best prior node of each row, ``(B, m)``: the mode search starts here.
+    point: torch.Tensor
+    #: Posterior mean under the prior rule, ``(B, m)``.
+    mean: torch.Tensor
+    #: Posterior covariance under the prior rule, ``(B, m, m)``.
+    covariance: torch.Tensor
 
 
 def decoder_jacobian(
@@ -124,13 +114,13 @@ def prior_start(
     g: torch.Tensor,
     log_weights: torch.Tensor,
     noise_variance: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> ProposalStart:
     """Best node, posterior mean and covariance under a prior rule's weights.
 
     Shapes ``(B, m)``, ``(B, m)`` and ``(B, m, m)``: the start of the mode
     search and the moment-matched component of the proposal.
     """
-    joint = log_joint_weights(x, g, log_weights, noise_variance)
+    joint = pairwise_log_joint(x, g, log_weights, noise_variance)
     weights = torch.softmax(joint, dim=1)
     mean = weights @ nodes
     # One (B, K) x (K, m^2) product: measured 4x faster than the equivalent
@@ -144,7 +134,7 @@ def prior_start(
     covariance = (eigenvectors * eigenvalues.clamp_min(0)[:, None, :]) @ (
         eigenvectors.transpose(1, 2)
     )
-    return nodes[joint.argmax(dim=1)], mean, covariance
+    return ProposalStart(nodes[joint.argmax(dim=1)], mean, covariance)
 
 
 @torch.no_grad()
@@ -187,7 +177,7 @@ def find_mode(
         precision = gauss_newton_precision(jacobian, noise_variance)
         step = torch.linalg.solve(precision, gradient)
         candidates = z[:, None, :] + fractions[None, :, None] * step[:, None, :]
-        values = log_joint(x, candidates, decoder, noise_variance)
+        values = latent_log_joint(x, candidates, decoder, noise_variance)
         # NaN (an overflowing step) must never win over staying put.
         values = torch.nan_to_num(values, nan=-math.inf)
         z = candidates[rows, values.argmax(dim=1)]
@@ -244,15 +234,6 @@ def proposal_factor(
     return torch.linalg.cholesky(0.5 * (covariance + covariance.transpose(1, 2)))
 
 
-def _log_normal(z, mean, factor):
-    """``log N(z_bk; mean_b, L_b L_b^T)`` for ``z`` of shape ``(B, K, m)``."""
-    centred = (z - mean[:, None, :]).transpose(1, 2)  # (B, m, K)
-    white = torch.linalg.solve_triangular(factor, centred, upper=False)
-    log_det = torch.log(torch.diagonal(factor, dim1=1, dim2=2)).sum(1)
-    m = z.shape[-1]
-    return -0.5 * (white.square().sum(1) + m * LOG_2PI) - log_det[:, None]
-
-
 def proposal_nodes(
     means: tuple[torch.Tensor, torch.Tensor],
     factors: tuple[torch.Tensor, torch.Tensor],
@@ -276,12 +257,12 @@ def proposal_nodes(
     parts.append(normals[first:].expand(rows, counts[2], m))
     nodes = torch.cat(parts, dim=1)
     terms = [
-        math.log(count / n_nodes) + _log_normal(nodes, mean, factor)
+        math.log(count / n_nodes) + cholesky_normal_log_density(nodes, mean, factor)
         for mean, factor, count in zip(means, factors, counts[:2], strict=True)
         if count
     ]
     if counts[2]:
-        log_prior = -0.5 * (nodes.square().sum(-1) + m * LOG_2PI)
+        log_prior = standard_normal_log_density(nodes)
         terms.append(math.log(counts[2] / n_nodes) + log_prior)
     return nodes, torch.logsumexp(torch.stack(terms), dim=0)
 
@@ -298,16 +279,15 @@ def importance_log_weights(
     Differentiable with respect to the decoder and ``sigma^2`` when the
     nodes and ``log_q`` are detached (the proposal held fixed).
     """
-    return (
-        log_joint(x, nodes, decoder, noise_variance) - log_q - math.log(nodes.shape[1])
-    )
+    log_joint = latent_log_joint(x, nodes, decoder, noise_variance)
+    return log_joint - log_q - math.log(nodes.shape[1])
 
 
 def adapted_proposal(
     x: torch.Tensor,
     decoder: Callable[[torch.Tensor], torch.Tensor],
     noise_variance: torch.Tensor,
-    start: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    start: ProposalStart,
     normals: torch.Tensor,
     counts: tuple[int, ...],
     *,
@@ -332,18 +312,33 @@ def adapted_proposal(
     return nodes, log_q, mode
 
 
+def _weighted_nodes(x, decoder, noise_variance, start, normals, counts, n_steps, scale):
+    """Each row's proposal nodes and their log importance weights."""
+    nodes, log_q, _ = adapted_proposal(
+        x,
+        decoder,
+        noise_variance,
+        start,
+        normals,
+        counts,
+        n_steps=n_steps,
+        scale=scale,
+    )
+    return nodes, importance_log_weights(x, nodes, log_q, decoder, noise_variance)
+
+
 @torch.no_grad()
 def adaptive_chunked(
     x: torch.Tensor,
     decoder: Callable[[torch.Tensor], torch.Tensor],
     noise_variance: torch.Tensor,
-    start: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    start: ProposalStart,
     normals: torch.Tensor,
     counts: tuple[int, ...],
     *,
     n_steps: int = NEWTON_STEPS,
     scale: float = PROPOSAL_SCALE,
-    max_points: int = CHUNK_POINTS,
+    max_points: int = ADAPTIVE_POINTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ``log p(x_i)`` and posterior mean ``E[z | x_i]``, in row chunks.
 
@@ -356,22 +351,21 @@ def adaptive_chunked(
     posterior_mean : Tensor of shape (B, m)
     """
     step = max(1, max_points // normals.shape[0])
-    # Preallocated outputs (see likelihood.log_marginal_chunked for why).
+    # Preallocated outputs (see likelihood.prior_rule_pass for why).
     log_marginals = x.new_empty(x.shape[0])
     means = x.new_empty((x.shape[0], normals.shape[1]))
     for first in range(0, x.shape[0], step):
         rows = slice(first, first + step)
-        nodes, log_q, _ = adapted_proposal(
+        nodes, log_w = _weighted_nodes(
             x[rows],
             decoder,
             noise_variance,
-            tuple(part[rows] for part in start),
+            ProposalStart(*(part[rows] for part in start)),
             normals,
             counts,
-            n_steps=n_steps,
-            scale=scale,
+            n_steps,
+            scale,
         )
-        log_w = importance_log_weights(x[rows], nodes, log_q, decoder, noise_variance)
         log_marginals[rows] = torch.logsumexp(log_w, dim=1)
         means[rows] = torch.einsum("bk,bkm->bm", torch.softmax(log_w, dim=1), nodes)
     return log_marginals, means
@@ -382,7 +376,7 @@ def adaptive_resample(
     x: torch.Tensor,
     decoder: Callable[[torch.Tensor], torch.Tensor],
     noise_variance: torch.Tensor,
-    start: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    start: ProposalStart,
     normals: torch.Tensor,
     counts: tuple[int, ...],
     n_samples: int,
@@ -396,17 +390,9 @@ def adaptive_resample(
     The spread (mean posterior variance over the latent axes, shape ``(B,)``)
     is a natural MCMC step size for refining the draws.
     """
-    nodes, log_q, _ = adapted_proposal(
-        x,
-        decoder,
-        noise_variance,
-        start,
-        normals,
-        counts,
-        n_steps=n_steps,
-        scale=scale,
+    nodes, log_w = _weighted_nodes(
+        x, decoder, noise_variance, start, normals, counts, n_steps, scale
     )
-    log_w = importance_log_weights(x, nodes, log_q, decoder, noise_variance)
     weights = torch.softmax(log_w, dim=1)
     picks = torch.multinomial(weights, n_samples, replacement=True, generator=generator)
     draws = torch.gather(nodes, 1, picks[..., None].expand(-1, -1, nodes.shape[-1]))
@@ -416,17 +402,15 @@ def adaptive_resample(
 
 
 class AdaptiveNodeSampler:
-    """Training nodes for the adaptive rule: a prior start rule and QMC normals.
+    """The adaptive rule's training normals: one :class:`ShiftedSobol` a component.
 
-    The prior rule (fixed) supplies each row's starting point for the mode
-    search.  The proposal's Sobol points get a fresh uniform shift modulo 1
-    every step (Cranley-Patterson rotation), as for the ``"qmc"`` prior rule,
-    so the decoder cannot overfit one node set.
+    Each draw is a fresh randomised QMC set for the three proposal
+    components (Laplace, moment-matched, prior), as :func:`proposal_normals`
+    but shifted every step, so the decoder cannot overfit one node set.
     """
 
     def __init__(
         self,
-        start_rule: tuple[torch.Tensor, torch.Tensor],
         n_components: int,
         n_nodes: int,
         *,
@@ -434,25 +418,16 @@ class AdaptiveNodeSampler:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        self.start_rule = start_rule
-        self.n_components = n_components
-        self.generator = generator
         self.dtype = dtype
         self.device = device
         self.counts = component_counts(n_nodes)
-        self._uniforms = [
-            sobol_uniforms(n_components, count, generator)
+        self._sequences = [
+            ShiftedSobol(n_components, count, generator)
             for count in self.counts
             if count
         ]
 
     def draw(self) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Shifted normals ``(K, m)`` and the node count of each component."""
-        parts = []
-        for uniforms in self._uniforms:
-            shift = torch.rand(
-                self.n_components, generator=self.generator, dtype=torch.float64
-            )
-            parts.append(uniforms_to_normal(torch.remainder(uniforms + shift, 1.0)))
-        normals = torch.cat(parts).to(dtype=self.dtype, device=self.device)
-        return normals, self.counts
+        normals = torch.cat([sequence.draw() for sequence in self._sequences])
+        return normals.to(dtype=self.dtype, device=self.device), self.counts

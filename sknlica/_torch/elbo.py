@@ -1,4 +1,4 @@
-"""Variational bounds on ``log p(x)``: analytic KL, SGVB, IWAE, score function.
+"""Variational bounds on ``log p(x)``: SGVB, IWAE, score-function surrogates.
 
 The model is the report's (section 3.2): ``z ~ N(0, I_m)``, ``x | z ~ N(g(z),
 s^2 I_n)`` with an encoder ``q(z | x) = N(mu(x), diag exp(log_var(x)))``.
@@ -28,80 +28,17 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
+
+from sknlica._torch.chunks import IMPORTANCE_ELEMENTS
+from sknlica._torch.gaussian import (
+    diagonal_normal_log_density,
+    isotropic_log_density,
+    kl_to_standard_normal,
+    reparameterize,
+    standard_normal_log_density,
+)
 
 Decode = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-LOG_2PI = math.log(2 * math.pi)
-
-#: Entries of the largest ``draws x rows x width`` temporary when evaluating
-#: the importance-sampling estimate in chunks (as in ``likelihood.py``).  The
-#: VAE's per-epoch monitor (500 rows x 64 draws x width 64) took 24 ms with
-#: 2**22, 8 ms here (cache-sized temporaries), 9 ms with 2**18.
-CHUNK_ELEMENTS = 2**20
-
-
-# ------------------------------------------------------------- densities
-def soft_clamp(value: torch.Tensor, low: float, high: float) -> torch.Tensor:
-    """Smoothly squash ``value`` into ``(low, high)``; identity well inside.
-
-    ``low + softplus(v - low) - softplus(v - high)`` differs from ``v`` by
-    less than ``exp(-distance to the nearer bound)`` and keeps a non-zero
-    gradient everywhere, unlike ``clamp``.
-    """
-    return low + F.softplus(value - low) - F.softplus(value - high)
-
-
-def kl_to_standard_normal(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
-    """``KL(N(mean, diag exp(log_var)) || N(0, I))`` per row, summed over ``m``.
-
-    The report's closed form ``-1/2 sum_j (1 + log s_j^2 - mu_j^2 - s_j^2)``.
-    """
-    return 0.5 * (mean.square() + log_var.exp() - 1.0 - log_var).sum(-1)
-
-
-def gaussian_log_likelihood(
-    x: torch.Tensor, mean: torch.Tensor, variance: torch.Tensor
-) -> torch.Tensor:
-    """``log N(x; mean, variance I)`` summed over the last axis.
-
-    ``variance`` is a scalar tensor or has the batch shape of ``mean[..., 0]``.
-    """
-    n_features = x.shape[-1]
-    squared = (x - mean).square().sum(-1)
-    return -0.5 * (n_features * (LOG_2PI + torch.log(variance)) + squared / variance)
-
-
-def standard_normal_log_density(z: torch.Tensor) -> torch.Tensor:
-    """``log N(z; 0, I)`` summed over the last axis."""
-    return -0.5 * (z.square().sum(-1) + z.shape[-1] * LOG_2PI)
-
-
-def diagonal_normal_log_density(
-    z: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor
-) -> torch.Tensor:
-    """``log N(z; mean, diag exp(log_var))`` summed over the last axis."""
-    return -0.5 * ((z - mean).square() * torch.exp(-log_var) + log_var + LOG_2PI).sum(
-        -1
-    )
-
-
-def reparameterize(
-    mean: torch.Tensor, log_var: torch.Tensor, eps: torch.Tensor
-) -> torch.Tensor:
-    """``z = mean + exp(log_var / 2) * eps``; ``eps`` broadcasts against ``mean``."""
-    return mean + torch.exp(0.5 * log_var) * eps
-
-
-def standard_normal_draws(
-    shape: tuple[int, ...],
-    *,
-    generator: torch.Generator,
-    dtype: torch.dtype,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """``N(0, I)`` draws from ``generator`` (on the CPU, then moved: reproducible)."""
-    return torch.randn(shape, generator=generator, dtype=dtype).to(device)
 
 
 # ----------------------------------------------------------------- bounds
@@ -120,7 +57,7 @@ def log_importance_weights(
     Returns ``(log_w, log_likelihood, log_q)``, each of shape ``(K, B)``.
     """
     g, variance = decode(z)
-    log_likelihood = gaussian_log_likelihood(x, g, variance)
+    log_likelihood = isotropic_log_density(x, g, variance)
     log_q = diagonal_normal_log_density(z, mean, log_var)
     log_w = log_likelihood + prior_weight * (standard_normal_log_density(z) - log_q)
     return log_w, log_likelihood, log_q
@@ -214,7 +151,7 @@ def importance_sampled_log_likelihood(
     eps: torch.Tensor,
     *,
     width: int | None = None,
-    max_elements: int = CHUNK_ELEMENTS,
+    max_elements: int = IMPORTANCE_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Importance-sampling ``log p(x)`` and the ELBO, with draws shared by all rows.
 

@@ -37,6 +37,11 @@ GRID_WIDTH_FACTOR = 0.6
 #: are comparable or QMC wins (m=3, 1,000 nodes: 0.52 vs 0.36).
 GRID_MIN_PER_AXIS = 16
 
+#: Seed of every node set and draw used at evaluation (scores, transforms,
+#: posterior samples' starts): fixed, so that evaluation is deterministic and
+#: every row is evaluated on the same nodes (subset invariance).
+EVALUATION_SEED = 0
+
 Rule = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -174,6 +179,11 @@ RULES: dict[str, Callable[..., Rule]] = {
 }
 
 
+def evaluation_generator() -> torch.Generator:
+    """A fresh generator seeded with :data:`EVALUATION_SEED`."""
+    return torch.Generator().manual_seed(EVALUATION_SEED)
+
+
 def prior_rule(
     name: str,
     n_components: int,
@@ -195,14 +205,34 @@ def prior_rule(
     )
 
 
+class ShiftedSobol:
+    """Scrambled Sobol points through the normal inverse CDF, shifted every draw.
+
+    Each :meth:`draw` applies a fresh uniform random shift modulo 1
+    (Cranley-Patterson rotation) before the inverse CDF: every draw is still
+    a randomised QMC rule, unbiased for expectations under N(0, I), while a
+    model trained on the draws cannot overfit one point set.
+    """
+
+    def __init__(
+        self, n_components: int, n_nodes: int, generator: torch.Generator
+    ) -> None:
+        self.uniforms = sobol_uniforms(n_components, n_nodes, generator)
+        self.generator = generator
+
+    def draw(self) -> torch.Tensor:
+        """Standard-normal points, shape ``(n_nodes, n_components)``, float64."""
+        shift = torch.rand(
+            self.uniforms.shape[1], generator=self.generator, dtype=torch.float64
+        )
+        return uniforms_to_normal(torch.remainder(self.uniforms + shift, 1.0))
+
+
 class PriorNodeSampler:
     """Serve nodes for training: fixed for deterministic rules, fresh for random.
 
-    ``"monte_carlo"`` redraws every step.  ``"qmc"`` keeps one scrambled Sobol
-    set and applies a fresh uniform random shift modulo 1 (Cranley-Patterson
-    rotation) every step: each step's point set is still a randomised QMC rule,
-    so the estimate stays unbiased for the likelihood while the decoder cannot
-    overfit a single node set.  Grid rules are deterministic.
+    ``"monte_carlo"`` redraws every step; ``"qmc"`` shifts one scrambled Sobol
+    set every step (:class:`ShiftedSobol`); grid rules are deterministic.
     """
 
     def __init__(
@@ -224,8 +254,8 @@ class PriorNodeSampler:
         self.generator = generator
         self.dtype = dtype
         self.device = device
-        self._uniforms = (
-            sobol_uniforms(n_components, n_nodes, generator) if name == "qmc" else None
+        self._sobol = (
+            ShiftedSobol(n_components, n_nodes, generator) if name == "qmc" else None
         )
         self._fixed = (
             prior_rule(
@@ -243,11 +273,8 @@ class PriorNodeSampler:
     def draw(self) -> Rule:
         if self._fixed is not None:
             return self._fixed
-        if self._uniforms is not None:
-            shift = torch.rand(
-                self.n_components, generator=self.generator, dtype=torch.float64
-            )
-            nodes = uniforms_to_normal(torch.remainder(self._uniforms + shift, 1.0))
+        if self._sobol is not None:
+            nodes = self._sobol.draw()
             log_weights = torch.full(
                 (self.n_nodes,), -math.log(self.n_nodes), dtype=torch.float64
             )

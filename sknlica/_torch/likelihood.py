@@ -1,73 +1,29 @@
-"""The marginal log-likelihood by quadrature, in log space, and its gradient.
+"""The marginal log-likelihood over a prior rule's nodes, in log space.
 
 For rows ``x_i`` (shape ``(B, n)``), decoded nodes ``g_j = g(z_j)`` (shape
 ``(K, n)``) and log-weights ``log w_j``::
 
-    log p(x_i) ~= logsumexp_j [log w_j + log phi(x_i; g_j, sigma^2 I)].
+    log p(x_i) ~= logsumexp_j [log w_j + log N(x_i; g_j, sigma^2 I)].
 
-The squared distances are expanded as ``||x||^2 - 2 x.g + ||g||^2`` so that the
-largest temporary is ``B x K`` (never ``B x K x n``); both sides are first
-centred on the batch mean, which is exact (the distance is translation
-invariant) and keeps the expansion from cancelling catastrophically in
-float32 when the features have a large mean.
+Two gradients of that estimate (autograd through the fused log-joint, and
+the report's hand-derived formulas), and one chunked pass that returns, per
+row, the log-likelihood, the posterior mean and the effective sample size of
+the posterior weights, with bounded memory.
 """
 
 from __future__ import annotations
 
-import math
+from typing import NamedTuple
 
 import torch
 
-#: Entries of the largest ``rows x nodes`` temporary when evaluating in chunks.
-#: Small enough to stay in cache: the validation pass of a default fit (500
-#: rows x 4,096 nodes) took 32 ms with 2**22, 22 ms with 2**20, 20 ms here.
-CHUNK_ELEMENTS = 2**18
-
-
-def squared_distances(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``||x_i - g_j||^2`` for all pairs, shape ``(B, K)``, via one matmul."""
-    centre = x.detach().mean(dim=0)
-    x = x - centre
-    g = g - centre
-    sq = (x * x).sum(1, keepdim=True) - 2.0 * (x @ g.T) + (g * g).sum(1)
-    return sq.clamp_min(0.0)
-
-
-def log_likelihood_matrix(
-    x: torch.Tensor, g: torch.Tensor, noise_variance: torch.Tensor
-) -> torch.Tensor:
-    """``log phi(x_i; g_j, sigma^2 I)`` for all pairs, shape ``(B, K)``."""
-    n_features = x.shape[1]
-    return -0.5 * (
-        n_features * torch.log(2 * math.pi * noise_variance)
-        + squared_distances(x, g) / noise_variance
-    )
-
-
-def log_joint_weights(
-    x: torch.Tensor,
-    g: torch.Tensor,
-    log_weights: torch.Tensor,
-    noise_variance: torch.Tensor,
-) -> torch.Tensor:
-    """``log w_j + log phi(x_i; g_j, sigma^2 I)``, shape ``(B, K)``.
-
-    Fused into one ``addmm`` (the hot path of training and evaluation): the
-    node terms ``log w_j - n/2 log(2 pi sigma^2) - ||g_j||^2 / (2 sigma^2)`` form
-    the bias row, ``x.g / sigma^2`` the product, and only the row term
-    ``||x_i||^2 / (2 sigma^2)`` is subtracted afterwards, so the ``B x K``
-    matrix is written twice instead of about eight times.
-    """
-    centre = x.detach().mean(dim=0)
-    x = x - centre
-    g = g - centre
-    inverse_variance = 1.0 / noise_variance
-    node_terms = log_weights - 0.5 * (
-        x.shape[1] * torch.log(2 * math.pi * noise_variance)
-        + (g * g).sum(1) * inverse_variance
-    )
-    row_terms = (0.5 * inverse_variance) * (x * x).sum(1, keepdim=True)
-    return torch.addmm(node_terms, x * inverse_variance, g.T) - row_terms
+from sknlica._torch.chunks import PAIRWISE_ELEMENTS, chunk_rows
+from sknlica._torch.gaussian import (
+    effective_sample_size,
+    isotropic_log_density_from_squared,
+    pairwise_log_joint,
+    squared_distances,
+)
 
 
 def log_marginal_autograd(
@@ -77,13 +33,14 @@ def log_marginal_autograd(
     noise_variance: torch.Tensor,
 ) -> torch.Tensor:
     """Per-row ``log p(x_i)``; gradients by backpropagation through logsumexp."""
-    return torch.logsumexp(log_joint_weights(x, g, log_weights, noise_variance), 1)
+    return torch.logsumexp(pairwise_log_joint(x, g, log_weights, noise_variance), 1)
 
 
 def _log_joint_from_distances(sq, log_weights, noise_variance, n_features):
     """``log w_j + log phi_ij`` from the squared distances ``sq`` (``B x K``)."""
-    log_normaliser = n_features * torch.log(2 * math.pi * noise_variance)
-    return log_weights - 0.5 * (log_normaliser + sq / noise_variance)
+    return log_weights + isotropic_log_density_from_squared(
+        sq, noise_variance, n_features
+    )
 
 
 class _LogMarginalAnalytic(torch.autograd.Function):
@@ -154,52 +111,67 @@ def log_marginal_analytic(
 GRADIENTS = {"autograd": log_marginal_autograd, "analytic": log_marginal_analytic}
 
 
-def chunk_rows(n_nodes: int, max_elements: int = CHUNK_ELEMENTS) -> int:
-    """Rows per chunk so that a ``rows x n_nodes`` temporary stays bounded."""
-    return max(1, max_elements // max(1, n_nodes))
+class PriorRulePass(NamedTuple):
+    """Per-row results of one pass over a prior rule's nodes."""
+
+    #: ``log p(x_i)``, shape ``(B,)``.
+    log_marginal: torch.Tensor
+    #: ``E[z | x_i] ~= sum_j W_ij z_j``, shape ``(B, m)``; only given ``nodes``.
+    posterior_mean: torch.Tensor | None
+    #: Effective sample size of the posterior weights, shape ``(B,)``; only
+    #: with ``with_ess=True``.
+    ess: torch.Tensor | None
 
 
 @torch.no_grad()
+def prior_rule_pass(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    log_weights: torch.Tensor,
+    noise_variance: torch.Tensor,
+    *,
+    nodes: torch.Tensor | None = None,
+    with_ess: bool = False,
+    max_elements: int = PAIRWISE_ELEMENTS,
+) -> PriorRulePass:
+    """Per-row log-likelihood, and optionally posterior mean and ESS, in chunks.
+
+    ``g`` holds the decoded ``nodes``; the posterior mean needs the nodes
+    themselves.  Rows are independent given the shared nodes, so the results
+    do not depend on the chunking.
+    """
+    n_rows = x.shape[0]
+    # Preallocated outputs filled chunk by chunk: lists of small per-chunk
+    # results interleaved with the large temporaries pinned glibc's heap, and
+    # a validation pass over 100k rows grew the process by 1.9 GB
+    # (benchmarks/bench_scaling.py, tests/test_scale.py).
+    log_marginal = x.new_empty(n_rows)
+    mean = None if nodes is None else x.new_empty((n_rows, nodes.shape[1]))
+    ess = x.new_empty(n_rows) if with_ess else None
+    step = chunk_rows(g.shape[0], max_elements)
+    for first in range(0, n_rows, step):
+        rows = slice(first, first + step)
+        joint = pairwise_log_joint(x[rows], g, log_weights, noise_variance)
+        log_marginal[rows] = torch.logsumexp(joint, dim=1)
+        if mean is None and ess is None:
+            continue
+        log_posterior = joint - log_marginal[rows, None]
+        if mean is not None:
+            mean[rows] = torch.exp(log_posterior) @ nodes
+        if ess is not None:
+            ess[rows] = effective_sample_size(log_posterior)
+    return PriorRulePass(log_marginal, mean, ess)
+
+
 def log_marginal_chunked(
     x: torch.Tensor,
     g: torch.Tensor,
     log_weights: torch.Tensor,
     noise_variance: torch.Tensor,
     *,
-    max_elements: int = CHUNK_ELEMENTS,
+    max_elements: int = PAIRWISE_ELEMENTS,
 ) -> torch.Tensor:
-    """``log p(x_i)`` for many rows with bounded peak memory (no gradient).
-
-    Rows are independent given the shared nodes, so the result does not
-    depend on the chunking.
-    """
-    step = chunk_rows(g.shape[0], max_elements)
-    # Written into a preallocated output: a list of small per-chunk results
-    # interleaved with the large temporaries pins glibc's heap, and the
-    # process grew by about a chunk's temporaries per chunk (see
-    # tests/test_scale.py).
-    out = x.new_empty(x.shape[0])
-    for start in range(0, x.shape[0], step):
-        rows = slice(start, start + step)
-        out[rows] = log_marginal_autograd(x[rows], g, log_weights, noise_variance)
-    return out
-
-
-@torch.no_grad()
-def posterior_mean_chunked(
-    x: torch.Tensor,
-    g: torch.Tensor,
-    nodes: torch.Tensor,
-    log_weights: torch.Tensor,
-    noise_variance: torch.Tensor,
-    *,
-    max_elements: int = CHUNK_ELEMENTS,
-) -> torch.Tensor:
-    """``E[z | x_i] ~= sum_j W_ij z_j`` with the posterior weights of each row."""
-    step = chunk_rows(g.shape[0], max_elements)
-    out = x.new_empty((x.shape[0], nodes.shape[1]))  # preallocated, as above
-    for start in range(0, x.shape[0], step):
-        rows = slice(start, start + step)
-        log_joint = log_joint_weights(x[rows], g, log_weights, noise_variance)
-        out[rows] = torch.softmax(log_joint, dim=1) @ nodes
-    return out
+    """``log p(x_i)`` for many rows with bounded peak memory (no gradient)."""
+    return prior_rule_pass(
+        x, g, log_weights, noise_variance, max_elements=max_elements
+    ).log_marginal

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -140,3 +141,13 @@ class NoiseVariance(nn.Module):
         if self.learn:
             return self.floor + torch.exp(self.raw)
         return self.raw
+
+
+def soft_clamp(value: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Smoothly squash ``value`` into ``(low, high)``; identity well inside.
+
+    ``low + softplus(v - low) - softplus(v - high)`` differs from ``v`` by
+    less than ``exp(-distance to the nearer bound)`` and keeps a non-zero
+    gradient everywhere, unlike ``clamp``.
+    """
+    return low + F.softplus(value - low) - F.softplus(value - high)

@@ -1,4 +1,4 @@
-"""Sampling the posterior p(z | x) under a decoder: MALA from resampled nodes."""
+"""Sampling a posterior with Metropolis-adjusted Langevin steps (MALA)."""
 
 from __future__ import annotations
 
@@ -10,22 +10,9 @@ import torch
 TARGET_ACCEPTANCE = 0.574
 
 
-def log_joint(
-    x: torch.Tensor,
-    z: torch.Tensor,
-    decoder: Callable[[torch.Tensor], torch.Tensor],
-    noise_variance: torch.Tensor,
-) -> torch.Tensor:
-    """``log p(x, z)`` up to its z-independent constant; ``z`` is ``(R, S, m)``."""
-    residual = x[:, None, :] - decoder(z)
-    return -0.5 * (residual.square().sum(-1) / noise_variance + z.square().sum(-1))
-
-
 def mala(
-    x: torch.Tensor,
+    log_target: Callable[[torch.Tensor], torch.Tensor],
     z: torch.Tensor,
-    decoder: Callable[[torch.Tensor], torch.Tensor],
-    noise_variance: torch.Tensor,
     *,
     n_steps: int,
     step_size: torch.Tensor,
@@ -33,17 +20,33 @@ def mala(
 ) -> torch.Tensor:
     """Run ``n_steps`` Metropolis-adjusted Langevin steps on every chain at once.
 
-    ``z`` has shape ``(R, S, m)``: ``S`` chains for each of the ``R`` rows of
-    ``x``.  ``step_size`` (shape ``(R,)``) is adapted per row during the first
-    half of the steps and frozen afterwards, so the second half is a valid
-    MCMC kernel targeting p(z | x).
+    Parameters
+    ----------
+    log_target : callable
+        Maps latents of shape ``(R, S, m)`` to the log target density of each,
+        ``(R, S)``, with torch ops (differentiable); constants may be dropped.
+        For a model's posterior ``p(z | x_r)`` that is ``log p(x_r, z)``.
+    z : Tensor of shape (R, S, m)
+        Starting points: ``S`` chains for each of ``R`` targets.
+    n_steps : int
+        Steps per chain.  The step size ``h`` (shape ``(R,)``, started at
+        ``step_size``) is adapted per target towards
+        :data:`TARGET_ACCEPTANCE` during the first half and frozen after, so
+        the second half is a valid MCMC kernel for the target.
+    step_size : Tensor of shape (R,)
+    generator : torch.Generator
+
+    Returns
+    -------
+    z : Tensor of shape (R, S, m)
+        The chains' final states (detached).
     """
     n_adapt = n_steps // 2
 
     def value_and_grad(state):
         state = state.detach().requires_grad_(True)
         with torch.enable_grad():
-            value = log_joint(x, state, decoder, noise_variance)
+            value = log_target(state)
             (grad,) = torch.autograd.grad(value.sum(), state)
         return value.detach(), grad
 

@@ -1,0 +1,159 @@
+"""Every Gaussian density the models use, written once.
+
+The model is ``z ~ N(0, I_m)``, ``x | z ~ N(g(z), sigma^2 I_n)``; encoders
+and proposals are Gaussians with diagonal or full covariances.  Everything
+here keeps the normalising constants, so that densities of different
+components can be mixed and compared, and works on any batch shape (the
+last axis is the event axis) unless it says otherwise.
+
+Pairwise forms (``rows x nodes``) expand the squared distance as ``||x||^2 -
+2 x.g + ||g||^2`` so that the largest temporary is ``B x K``, never ``B x K
+x n``.  Both sides are first centred on the rows' mean, which is exact (the
+distance is translation invariant) and keeps the expansion from cancelling
+catastrophically in float32 when the features have a large mean.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+# ------------------------------------------------------------ single points
+def isotropic_log_density_from_squared(
+    squared: torch.Tensor, variance: torch.Tensor, n_features: int
+) -> torch.Tensor:
+    """``log N(x; g, variance I)`` from the squared distance ``||x - g||^2``."""
+    return -0.5 * (n_features * torch.log(2 * math.pi * variance) + squared / variance)
+
+
+def isotropic_log_density(
+    x: torch.Tensor, mean: torch.Tensor, variance: torch.Tensor
+) -> torch.Tensor:
+    """``log N(x; mean, variance I)`` summed over the last axis.
+
+    ``variance`` is a scalar tensor or has the batch shape of ``mean[..., 0]``.
+    """
+    squared = (x - mean).square().sum(-1)
+    return isotropic_log_density_from_squared(squared, variance, x.shape[-1])
+
+
+def standard_normal_log_density(z: torch.Tensor) -> torch.Tensor:
+    """``log N(z; 0, I)`` summed over the last axis."""
+    return -0.5 * (z.square().sum(-1) + z.shape[-1] * LOG_2PI)
+
+
+def diagonal_normal_log_density(
+    z: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor
+) -> torch.Tensor:
+    """``log N(z; mean, diag exp(log_var))`` summed over the last axis."""
+    terms = (z - mean).square() * torch.exp(-log_var) + log_var + LOG_2PI
+    return -0.5 * terms.sum(-1)
+
+
+def cholesky_normal_log_density(
+    z: torch.Tensor, mean: torch.Tensor, factor: torch.Tensor
+) -> torch.Tensor:
+    """``log N(z_bk; mean_b, L_b L_b^T)``, ``z`` of shape ``(B, K, m)``."""
+    centred = (z - mean[:, None, :]).transpose(1, 2)  # (B, m, K)
+    white = torch.linalg.solve_triangular(factor, centred, upper=False)
+    log_det = torch.log(torch.diagonal(factor, dim1=1, dim2=2)).sum(1)
+    m = z.shape[-1]
+    return -0.5 * (white.square().sum(1) + m * LOG_2PI) - log_det[:, None]
+
+
+def latent_log_joint(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    decoder: Callable[[torch.Tensor], torch.Tensor],
+    noise_variance: torch.Tensor,
+) -> torch.Tensor:
+    """The model's ``log p(x_i, z_ik) = log N(x_i; g(z_ik), s2 I) + log N(z_ik; 0, I)``.
+
+    ``x`` has shape ``(B, n)`` and ``z`` shape ``(B, K, m)``: ``K`` latents per
+    row, decoded in one call on ``B * K`` points.  Returns ``(B, K)``.
+    """
+    rows, n_nodes, n_components = z.shape
+    g = decoder(z.reshape(rows * n_nodes, n_components)).reshape(rows, n_nodes, -1)
+    return isotropic_log_density(
+        x[:, None, :], g, noise_variance
+    ) + standard_normal_log_density(z)
+
+
+def kl_to_standard_normal(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """``KL(N(mean, diag exp(log_var)) || N(0, I))`` summed over the last axis.
+
+    The report's closed form ``-1/2 sum_j (1 + log s_j^2 - mu_j^2 - s_j^2)``.
+    """
+    return 0.5 * (mean.square() + log_var.exp() - 1.0 - log_var).sum(-1)
+
+
+def reparameterize(
+    mean: torch.Tensor, log_var: torch.Tensor, eps: torch.Tensor
+) -> torch.Tensor:
+    """``z = mean + exp(log_var / 2) * eps``; ``eps`` broadcasts against ``mean``."""
+    return mean + torch.exp(0.5 * log_var) * eps
+
+
+def standard_normal_draws(
+    shape: tuple[int, ...],
+    *,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """``N(0, I)`` draws from ``generator`` (on the CPU, then moved: reproducible)."""
+    return torch.randn(shape, generator=generator, dtype=dtype).to(device)
+
+
+def effective_sample_size(log_posterior: torch.Tensor) -> torch.Tensor:
+    """``1 / sum_j W_j^2`` of normalised log-weights over the last axis."""
+    return torch.exp(-torch.logsumexp(2 * log_posterior, dim=-1))
+
+
+# --------------------------------------------------------- rows x nodes
+def squared_distances(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``||x_i - g_j||^2`` for all pairs, shape ``(B, K)``, via one matmul."""
+    centre = x.detach().mean(dim=0)
+    x = x - centre
+    g = g - centre
+    sq = (x * x).sum(1, keepdim=True) - 2.0 * (x @ g.T) + (g * g).sum(1)
+    return sq.clamp_min(0.0)
+
+
+def pairwise_log_density(
+    x: torch.Tensor, g: torch.Tensor, noise_variance: torch.Tensor
+) -> torch.Tensor:
+    """``log N(x_i; g_j, s2 I)`` for all pairs, shape ``(B, K)``."""
+    return isotropic_log_density_from_squared(
+        squared_distances(x, g), noise_variance, x.shape[1]
+    )
+
+
+def pairwise_log_joint(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    log_weights: torch.Tensor,
+    noise_variance: torch.Tensor,
+) -> torch.Tensor:
+    """``log w_j + log N(x_i; g_j, s2 I)``, shape ``(B, K)``: the hot path.
+
+    Fused into one ``addmm``: the node terms ``log w_j - n/2 log(2 pi s2) -
+    ||g_j||^2 / (2 s2)`` form the bias row, ``x.g / s2`` the product, and
+    only the row term ``||x_i||^2 / (2 s2)`` is subtracted afterwards, so the
+    ``B x K`` matrix is written twice instead of about eight times.
+    """
+    centre = x.detach().mean(dim=0)
+    x = x - centre
+    g = g - centre
+    inverse_variance = 1.0 / noise_variance
+    node_terms = log_weights - 0.5 * (
+        x.shape[1] * torch.log(2 * math.pi * noise_variance)
+        + (g * g).sum(1) * inverse_variance
+    )
+    row_terms = (0.5 * inverse_variance) * (x * x).sum(1, keepdim=True)
+    return torch.addmm(node_terms, x * inverse_variance, g.T) - row_terms
