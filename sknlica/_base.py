@@ -701,7 +701,8 @@ class BaseNonlinearICA(
 
 
 def _interruption_message(n_run: int, n_init: int, last: TrainingRun) -> str:
-    message = f"Training interrupted after {len(last.history)} epochs"
+    n_epochs = len(last.history)
+    message = f"Training interrupted after {n_epochs} epoch{'s' * (n_epochs != 1)}"
     if n_init > 1:
         message += f" of restart {n_run} of {n_init}"
         if n_run < n_init:

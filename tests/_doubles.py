@@ -3,7 +3,8 @@
 ``hooked(Estimator)`` is a subclass whose training objective wraps the real
 one: every minibatch loss passes through :meth:`Hooked.on_loss`, which counts
 steps, records torch's thread count, and turns the loss NaN (``fail_at`` or
-``fail``) or raises ``KeyboardInterrupt`` (``interrupt_at``) when asked.
+``fail``) or raises ``KeyboardInterrupt`` (``interrupt_at``) when asked; ``epochs_begun`` and ``kl_weights`` record the
+epoch schedule the objective was driven with.
 """
 
 import math
@@ -19,8 +20,9 @@ class _HookedObjective(Objective):
         self.owner = owner
 
     def begin_epoch(self, epoch):
-        self.owner.epochs_begun.append(epoch)
         self.inner.begin_epoch(epoch)
+        self.owner.epochs_begun.append(epoch)
+        self.owner.kl_weights.append(getattr(self.inner, "kl_weight", None))
 
     def loss(self, model, batch, rows):
         self.owner.before_loss()
@@ -48,7 +50,7 @@ def hooked(Estimator):
 
         def _make_objective(self, *args, **kwargs):
             if not hasattr(self, "epochs_begun"):
-                self.epochs_begun = []
+                self.epochs_begun, self.kl_weights = [], []
             return _HookedObjective(super()._make_objective(*args, **kwargs), self)
 
         def before_loss(self):
