@@ -354,8 +354,9 @@ class BaseNonlinearICA(
         )
 
     def _to_tensor(self, X) -> torch.Tensor:
-        # torch.tensor copies, so read-only or memory-mapped inputs are safe.
-        return torch.tensor(X, dtype=self._torch_dtype(X))
+        # torch.tensor copies, so read-only or memory-mapped inputs are safe;
+        # it refuses negative strides (a reversed view), which a copy removes.
+        return torch.tensor(np.ascontiguousarray(X), dtype=self._torch_dtype(X))
 
     @staticmethod
     def _seed(rng: np.random.RandomState, offset: int = 0) -> torch.Generator:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from numbers import Integral, Real
 
@@ -10,9 +11,13 @@ import torch
 from sklearn.utils import check_array
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 
-from sknlica._torch.evaluation import decode_nodes
+from sknlica._torch.evaluation import DecodedRule, decode_nodes, evaluate
 from sknlica._torch.integration import RULES, prior_rule
 from sknlica._torch.likelihood import log_marginal_chunked
+
+#: Prior nodes from whose best each row's mode search starts under
+#: ``integration="adaptive"``.
+ADAPTIVE_START_NODES = 4096
 
 
 def _infer_n_components(decoder: Callable) -> int | None:
@@ -32,8 +37,9 @@ def _infer_n_components(decoder: Callable) -> int | None:
         "decoder": [callable],
         "noise_variance": [Interval(Real, 0, None, closed="neither")],
         "n_components": [Interval(Integral, 1, None, closed="left"), None],
-        "integration": [StrOptions({"auto", *RULES})],
+        "integration": [StrOptions({"auto", "adaptive", *RULES})],
         "n_nodes": [Interval(Integral, 1, None, closed="left")],
+        "grid_half_width": [Interval(Real, 0, None, closed="neither"), None],
         "random_state": ["random_state"],
     },
     prefer_skip_nested_validation=True,
@@ -46,6 +52,7 @@ def marginal_log_likelihood(
     n_components: int | None = None,
     integration: str = "auto",
     n_nodes: int = 2**16,
+    grid_half_width: float | None = None,
     random_state=0,
 ) -> np.ndarray:
     """Per-row ``log p(x)`` for ``z ~ N(0, I)``, ``x | z ~ N(decoder(z), s2 I)``.
@@ -69,15 +76,24 @@ def marginal_log_likelihood(
     n_components : int, default=None
         Latent dimension; inferred from ``decoder.n_components`` or the first
         ``nn.Linear`` layer when omitted.
-    integration : {"auto", "qmc", "monte_carlo", "grid", "gauss_hermite"}, \
-            default="auto"
-        Integration rule over the prior.  ``"auto"`` is the most accurate per
-        node in our measurements: the prior-weighted midpoint grid (half-width
-        ``0.6 * sqrt(k)`` for ``k`` nodes per axis) when ``k >= 16``, else
-        scrambled Sobol points.
+    integration : {"auto", "qmc", "monte_carlo", "grid", "gauss_hermite", \
+"adaptive"}, default="auto"
+        Integration rule.  The rules over the prior are those of
+        :class:`~sknlica.NonlinearICAMLE`; ``"auto"`` is the most accurate
+        per node in our measurements: the prior-weighted midpoint grid
+        (half-width ``0.6 * sqrt(k)`` for ``k`` nodes per axis) when ``k >=
+        16``, else scrambled Sobol points.  ``"adaptive"`` is the
+        posterior-adapted importance sampler the estimator uses at small
+        noise, for every row: accurate when ``sigma^2`` is small compared
+        with how fast the decoder varies, where rules over the prior are
+        not.  It needs a decoder built from differentiable torch operations
+        (it takes Jacobians by forward-mode automatic differentiation).
     n_nodes : int, default=65536
         Total number of nodes (grid rules use ``round(n_nodes**(1/m))`` per
-        axis).
+        axis); for ``"adaptive"``, the proposal nodes per row.
+    grid_half_width : float, default=None
+        Half-width of the ``"grid"`` rule's box; ``None`` is the default
+        ``0.6 * sqrt(k)``.
     random_state : int, RandomState instance or None, default=0
         Seeds the randomised rules.  The default makes the result deterministic.
 
@@ -93,8 +109,9 @@ def marginal_log_likelihood(
     for smooth activations (m = 2; ``benchmarks/bench_integration_rules.py``).
     Randomised rules estimate ``p(x)`` without bias, so their ``log p(x)`` is
     biased low by about half the relative variance of the estimate (Jensen).
-    Accuracy degrades as ``sigma^2`` shrinks relative to how fast the decoder
-    varies: the posterior then occupies a small part of the prior.
+    Accuracy of the rules over the prior degrades as ``sigma^2`` shrinks
+    relative to how fast the decoder varies: the posterior then occupies a
+    small part of the prior; ``"adaptive"`` is for that case.
 
     Examples
     --------
@@ -115,13 +132,17 @@ def marginal_log_likelihood(
                 "n_components=m explicitly."
             )
     seed = int(np.random.default_rng(_seed_of(random_state)).integers(2**31 - 1))
+    generator = torch.Generator().manual_seed(seed)
+    adaptive = integration == "adaptive"
     nodes, log_weights = prior_rule(
-        integration,
+        "auto" if adaptive else integration,
         n_components,
-        n_nodes,
-        generator=torch.Generator().manual_seed(seed),
+        ADAPTIVE_START_NODES if adaptive else n_nodes,
+        generator=generator,
+        half_width=grid_half_width,
     )
-    x = torch.tensor(X, dtype=torch.float64)
+    x = torch.tensor(np.ascontiguousarray(X), dtype=torch.float64)
+    s2 = torch.tensor(float(noise_variance), dtype=torch.float64)
     with torch.no_grad():
         g = decode_nodes(decoder, nodes)
         if g.ndim != 2 or g.shape != (nodes.shape[0], X.shape[1]):
@@ -130,9 +151,30 @@ def marginal_log_likelihood(
                 f"to ({nodes.shape[0]}, {X.shape[1]}) means to match X, got shape "
                 f"{tuple(g.shape)}."
             )
-        s2 = torch.tensor(float(noise_variance), dtype=torch.float64)
-        out = log_marginal_chunked(x, g, log_weights, s2)
-    return out.numpy()
+        if not adaptive:
+            return log_marginal_chunked(x, g, log_weights, s2).numpy()
+    return evaluate(
+        x,
+        DecodedRule(nodes, log_weights, g),
+        _float64_decoder(decoder),
+        s2,
+        with_mean=False,
+        n_adaptive_nodes=n_nodes,
+        ess_threshold=math.inf,
+        generator=generator,
+    ).log_marginal.numpy()
+
+
+def _float64_decoder(decoder: Callable) -> Callable:
+    """``decoder`` taking and returning float64 tensors (the adaptive rule's)."""
+    param = (
+        next(decoder.parameters(), None)
+        if isinstance(decoder, torch.nn.Module)
+        else None
+    )
+    if param is None or param.dtype == torch.float64:
+        return decoder
+    return lambda z: decoder(z.to(param.dtype)).double()
 
 
 def _seed_of(random_state) -> int:

@@ -91,11 +91,16 @@ def decoded_evaluation_rule(
 
 
 def evaluation_normals(
-    n_components: int, n_nodes: int, *, dtype: torch.dtype, device
+    n_components: int,
+    n_nodes: int,
+    *,
+    dtype: torch.dtype,
+    device,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """The adaptive rule's fixed proposal normals and component counts."""
+    """The adaptive rule's proposal normals (fixed seed by default) and counts."""
     normals, counts = proposal_normals(
-        n_components, n_nodes, generator=evaluation_generator()
+        n_components, n_nodes, generator=generator or evaluation_generator()
     )
     return normals.to(dtype=dtype, device=device), counts
 
@@ -125,11 +130,15 @@ def evaluate(
     with_mean: bool = True,
     refine: bool = True,
     n_adaptive_nodes: int = ADAPTIVE_EVAL_NODES,
+    ess_threshold: float = ESS_THRESHOLD,
+    generator: torch.Generator | None = None,
 ) -> Evaluation:
     """Per-row ``log p(x)`` (and ``E[z | x]``), refining low-ESS rows adaptively.
 
-    ``refine=False`` only flags the low-ESS rows (their values stay the prior
-    rule's).
+    Rows whose ESS is below ``ess_threshold`` (``math.inf``: every row) are
+    flagged and, unless ``refine=False``, evaluated again by the adaptive rule
+    with ``n_adaptive_nodes`` proposal nodes per row, drawn from
+    ``generator`` (a fixed seed by default).
     """
     nodes, log_weights, g = rule
     first_pass = prior_rule_pass(
@@ -141,12 +150,16 @@ def evaluate(
         with_ess=True,
     )
     log_marginal, mean, ess = first_pass
-    low_ess = ess < ESS_THRESHOLD
+    low_ess = ess < ess_threshold
     rows = low_ess.nonzero().squeeze(1)
     start = _prior_starts(x[rows], rule, noise_variance)
     if refine and len(rows):
         normals, counts = evaluation_normals(
-            nodes.shape[1], n_adaptive_nodes, dtype=x.dtype, device=x.device
+            nodes.shape[1],
+            n_adaptive_nodes,
+            dtype=x.dtype,
+            device=x.device,
+            generator=generator,
         )
         row_log_marginal, row_mean = adaptive_chunked(
             x[rows], decoder, noise_variance, start, normals, counts
