@@ -28,10 +28,8 @@ import os
 
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 
-from sknlica._torch.integration import RULES, grid_rule, prior_rule
-from sknlica._torch.likelihood import log_marginal_chunked
+from sknlica import marginal_log_likelihood
 from sknlica.datasets import make_nonlinear_ica
 
 quick = os.environ.get("SKNLICA_EXAMPLE_QUICK") == "1"
@@ -40,36 +38,36 @@ budgets = [64, 256, 1024] if quick else [64, 256, 1024, 4096]
 activations = ["relu"] if quick else ["relu", "tanh"]
 reference_per_axis = 300 if quick else 600
 seeds = [0, 1, 2]  # randomised rules: error averaged over these
-
-
-def log_p(X, mixing, nodes, log_weights):
-    """log p(x) of the true model with the given nodes and log-weights."""
-    noise = torch.tensor(mixing.noise_variance, dtype=torch.float64)
-    return log_marginal_chunked(torch.tensor(X), mixing(nodes), log_weights, noise)
-
+RULES = ["monte_carlo", "qmc", "grid", "gauss_hermite"]
 
 errors = {}  # (activation, rule) -> list of (n_nodes, mean |error|)
 for activation in activations:
     X, _, mixing = make_nonlinear_ica(
         n_rows, 2, 20, activation=activation, random_state=0, return_mixing=True
     )
+    s2 = mixing.noise_variance
     # Dense prior-weighted midpoint grid: the tails beyond 8 are negligible.
-    reference = log_p(
-        X, mixing, *grid_rule(2, reference_per_axis**2, half_width=8.0)
-    ).numpy()
+    reference = marginal_log_likelihood(
+        X,
+        mixing,
+        s2,
+        integration="grid",
+        n_nodes=reference_per_axis**2,
+        grid_half_width=8.0,
+    )
     for rule in RULES:
         randomised = rule in ("monte_carlo", "qmc")
         for budget in budgets:
             per_seed = []
             for seed in seeds if randomised else seeds[:1]:
-                nodes, log_weights = prior_rule(
-                    rule, 2, budget, generator=torch.Generator().manual_seed(seed)
+                estimate = marginal_log_likelihood(
+                    X, mixing, s2, integration=rule, n_nodes=budget, random_state=seed
                 )
-                estimate = log_p(X, mixing, nodes, log_weights).numpy()
                 per_seed.append(np.mean(np.abs(estimate - reference)))
             # Grid rules round the budget to a square number of nodes.
+            n_nodes = budget if randomised else round(budget**0.5) ** 2
             errors.setdefault((activation, rule), []).append(
-                (nodes.shape[0], float(np.mean(per_seed)))
+                (n_nodes, float(np.mean(per_seed)))
             )
 
 for (activation, rule), points in errors.items():
