@@ -5,10 +5,11 @@
 constraints and their documentation), validation, seeding, dtype and device,
 ONE ``_fit`` behind ``fit`` and ``partial_fit`` (restarts, warm starts,
 fault handling, ``history_``), warnings that point at the caller's line,
-``sample``, ``inverse_transform`` and pickling.  It holds no numerics: the
-training loop is :func:`sknlica._torch.training.train`, and a subclass fills
-in four named steps (``_build_model``, ``_make_objective``,
-``_parameter_blocks``, ``_store_extra``) plus its own inference methods.
+``score_samples``, ``transform``, ``sample``, ``inverse_transform`` and
+pickling.  It holds no numerics: the training loop is
+:func:`sknlica._torch.training.train`, and a subclass fills in named steps:
+``_build_model``, ``_make_objective`` and ``_parameter_blocks`` for
+training, ``_log_likelihood`` and ``_latent_mean`` for inference.
 """
 
 from __future__ import annotations
@@ -66,7 +67,32 @@ _DIVERGENCE_ADVICE = (
     "larger initial noise_variance."
 )
 
-#: Documentation of the parameters every estimator shares, inserted where a
+#: Documentation of the decoder's parameters, inserted where a subclass
+#: docstring says ``{decoder_parameters}``.
+DECODER_PARAMETERS_DOC = """\
+    n_components : int, default=2
+        Latent dimension ``m``.
+    hidden_layer_sizes : tuple of int, default=(64,)
+        Hidden layers of the decoder MLP; ``()`` gives ``g(z) = act(W z + b)``.
+    activation : str, default="relu"
+        One of "relu", "tanh", "sigmoid", "leaky_relu", "gelu", "identity".
+        Hidden-layer activation (of the decoder, and of the VAE's encoder).
+    output_activation : str, default="identity"
+        One of the ``activation`` names.
+        Applied after the decoder's last linear layer.  With
+        ``hidden_layer_sizes=()`` and ``output_activation="relu"`` the decoder
+        family is exactly the report's data-generating process."""
+
+#: Documentation of the noise variance's parameters, inserted where a
+#: subclass docstring says ``{noise_parameters}``.
+NOISE_PARAMETERS_DOC = """\
+    noise_variance : float, default=1.0
+        Initial (or, with ``learn_noise_variance=False``, fixed) ``sigma^2``.
+    learn_noise_variance : bool, default=True
+        Learn ``sigma^2 = floor + exp(s)``; the floor is ``1e-6`` times the
+        mean feature variance of the training data."""
+
+#: Documentation of the parameters of the training loop, inserted where a
 #: subclass docstring says ``{shared_parameters}``.
 SHARED_PARAMETERS_DOC = """\
     batch_size : int, default=128
@@ -126,6 +152,14 @@ SHARED_ATTRIBUTES_DOC = """\
         Number of features seen during fit.
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Names of features seen during fit, when ``X`` has string column names."""
+
+
+_DOC_BLOCKS = {
+    "decoder_parameters": DECODER_PARAMETERS_DOC,
+    "noise_parameters": NOISE_PARAMETERS_DOC,
+    "shared_parameters": SHARED_PARAMETERS_DOC,
+    "shared_attributes": SHARED_ATTRIBUTES_DOC,
+}
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -293,9 +327,8 @@ class BaseNonlinearICA(
         if "__init__" in cls.__dict__:
             cls.__init__.__signature__ = _merged_signature(cls.__init__)
         if cls.__doc__:
-            cls.__doc__ = cls.__doc__.replace(
-                "    {shared_parameters}", SHARED_PARAMETERS_DOC
-            ).replace("    {shared_attributes}", SHARED_ATTRIBUTES_DOC)
+            for marker, text in _DOC_BLOCKS.items():
+                cls.__doc__ = cls.__doc__.replace(f"    {{{marker}}}", text)
 
     # ------------------------------------------------------------------ hooks
     #: The trained module (a class from ``sknlica._torch.models``); its parts
@@ -316,6 +349,14 @@ class BaseNonlinearICA(
 
     def _store_extra(self, model) -> None:
         """Fitted attributes beyond the model's parts and ``noise_variance_``."""
+
+    @abstractmethod
+    def _log_likelihood(self, x: torch.Tensor) -> torch.Tensor:
+        """``score_samples`` of validated rows, as a tensor."""
+
+    @abstractmethod
+    def _latent_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """``transform`` of validated rows, as a tensor."""
 
     # ------------------------------------------------------------- utilities
     @property
@@ -600,6 +641,53 @@ class BaseNonlinearICA(
     def _check_fitted_input(self, X):
         check_is_fitted(self)
         return self._validate(X, reset=False)
+
+    @uses_torch_threads
+    def score_samples(self, X):
+        """Log-likelihood ``log p(x)`` of each row under the fitted model.
+
+        An estimate of the likelihood itself, not a bound, so the values of
+        both estimators, and of the true model
+        (:func:`~sknlica.marginal_log_likelihood`), are comparable:
+        :class:`~sknlica.NonlinearICAMLE` integrates ``z`` out with its
+        evaluation rule (``n_eval_nodes``), :class:`~sknlica.NonlinearICAVAE`
+        by importance sampling with its encoder as the proposal
+        (``n_eval_samples``).  Deterministic, and a row's value does not
+        depend on the other rows passed.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Observations.
+
+        Returns
+        -------
+        log_likelihood : ndarray of shape (n_samples,)
+            ``log p(x_i)`` in nats, with the dtype of ``X``.
+        """
+        X = self._check_fitted_input(X)
+        return self._log_likelihood(self._to_tensor(X)).numpy()
+
+    @uses_torch_threads
+    def transform(self, X):
+        """Latent coordinates of each row.
+
+        :class:`~sknlica.NonlinearICAMLE` returns the posterior mean ``E[z |
+        x]`` (with the same per-row choice of rule as ``score_samples``),
+        :class:`~sknlica.NonlinearICAVAE` the encoder mean ``mu(x)``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Rows to encode.
+
+        Returns
+        -------
+        Z : ndarray of shape (n_samples, n_components)
+            One latent vector per row (``X``'s dtype).
+        """
+        X = self._check_fitted_input(X)
+        return self._latent_mean(self._to_tensor(X)).numpy()
 
     def score(self, X, y=None) -> float:
         """Mean log-likelihood per sample, ``mean(score_samples(X))``.

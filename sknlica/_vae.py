@@ -55,16 +55,7 @@ class NonlinearICAVAE(BaseNonlinearICA):
 
     Parameters
     ----------
-    n_components : int, default=2
-        Latent dimension ``m``.
-    hidden_layer_sizes : tuple of int, default=(64,)
-        Hidden layers of the decoder MLP; ``()`` gives ``g(z) = act(W z + b)``.
-    activation : str, default="relu"
-        One of "relu", "tanh", "sigmoid", "leaky_relu", "gelu", "identity".
-        Hidden-layer activation of the decoder and of the encoder.
-    output_activation : str, default="identity"
-        One of the ``activation`` names.
-        Applied after the decoder's last linear layer.
+    {decoder_parameters}
     encoder_hidden_layer_sizes : tuple of int, default=None
         Hidden layers of the encoder; ``None`` mirrors the decoder
         (``hidden_layer_sizes`` reversed).
@@ -99,11 +90,7 @@ class NonlinearICAVAE(BaseNonlinearICA):
         Replace the global ``sigma^2`` by the report's data-dependent head
         ``log s^2(z) = W_2 h(z) + b_2`` on the decoder's last hidden layer;
         ``sample`` then draws each row's noise with variance ``s^2(z)``.
-    noise_variance : float, default=1.0
-        Initial (or, with ``learn_noise_variance=False``, fixed) ``sigma^2``.
-    learn_noise_variance : bool, default=True
-        Learn ``sigma^2 = floor + exp(s)``; the floor is ``1e-6`` times the
-        mean feature variance of the training data.
+    {noise_parameters}
     n_eval_samples : int, default=1024
         Draws of the importance-sampling estimate in ``score_samples`` and
         :meth:`elbo`: fixed scrambled Sobol points mapped to N(0, I), shared by
@@ -177,12 +164,12 @@ class NonlinearICAVAE(BaseNonlinearICA):
     --------
     >>> from sknlica import NonlinearICAVAE
     >>> from sknlica.datasets import make_nonlinear_ica
-    >>> X, Z = make_nonlinear_ica(500, n_components=2, n_features=5, random_state=0)
+    >>> X, _ = make_nonlinear_ica(500, n_components=2, n_features=5, random_state=0)
     >>> vae = NonlinearICAVAE(max_iter=5, random_state=0).fit(X)
-    >>> vae.transform(X).shape
-    (500, 2)
-    >>> bool(vae.elbo(X).mean() <= vae.score(X))
+    >>> bool(vae.elbo(X).mean() <= vae.score(X))  # the bound is below log p(x)
     True
+    >>> vae.sample(3, random_state=0).shape
+    (3, 5)
     """
 
     _parameter_constraints: dict = {
@@ -319,42 +306,20 @@ class NonlinearICAVAE(BaseNonlinearICA):
         return max((n_features, *tuple(self.hidden_layer_sizes)))
 
     # ------------------------------------------------------------ inference
-    def _fitted_input(self, X):
-        X = self._check_fitted_input(X)
-        x = self._to_tensor(X)
-        return x, self._inference_model(x.dtype)
-
-    def _estimate(self, X):
+    def _estimate(self, x):
         """Per-row importance-sampled ``log p(x)`` and ELBO (``n_eval_samples``)."""
-        x, model = self._fitted_input(X)
+        model = self._inference_model(x.dtype)
         eps = evaluation_draws(
             self.n_components, self.n_eval_samples, dtype=x.dtype, device=x.device
         )
         return encoder_estimate(model, x, eps, width=self._width(x.shape[1]))
 
-    @uses_torch_threads
-    def score_samples(self, X):
-        """Importance-sampling estimate of ``log p(x)`` for each row.
+    def _log_likelihood(self, x):
+        return self._estimate(x)[0]
 
-        ``log p(x) ~= logsumexp_k [log p(x | z_k) + log p(z_k) - log q(z_k |
-        x)] - log K`` with ``z_k = mu(x) + s(x) * eps_k``, the encoder as
-        proposal and ``K = n_eval_samples`` fixed draws ``eps_k`` shared by all
-        rows: deterministic, and a row's value does not depend on the other
-        rows passed.  It is an estimate of the likelihood, not a bound like
-        :meth:`elbo` (its expectation is below ``log p(x)`` by a bias that
-        vanishes as ``K`` grows).
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-            Observations.
-
-        Returns
-        -------
-        log_likelihood : ndarray of shape (n_samples,)
-            ``log p(x_i)`` in nats, with the dtype of ``X``.
-        """
-        return self._estimate(X)[0].numpy()
+    def _latent_mean(self, x):
+        with torch.no_grad():
+            return self._inference_model(x.dtype).encode(x)[0]
 
     @uses_torch_threads
     def elbo(self, X):
@@ -368,41 +333,17 @@ class NonlinearICAVAE(BaseNonlinearICA):
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
-            Observations.
+            Rows to bound, as for :meth:`score_samples`.
 
         Returns
         -------
         elbo : ndarray of shape (n_samples,)
-            Per-row ELBO in nats, with the dtype of ``X``.
+            The bound of each row in nats (``X``'s dtype).
 
-        Examples
-        --------
-        >>> from sknlica import NonlinearICAVAE
-        >>> from sknlica.datasets import make_nonlinear_ica
-        >>> X, _ = make_nonlinear_ica(300, 2, 5, random_state=0)
-        >>> vae = NonlinearICAVAE(max_iter=3, random_state=0).fit(X)
-        >>> vae.elbo(X[:4]).shape
-        (4,)
+        See the class's example, which checks ``elbo(X) <= score(X)``.
         """
-        return self._estimate(X)[1].numpy()
-
-    @uses_torch_threads
-    def transform(self, X):
-        """Encoder mean ``mu(x)`` of each row.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-            Observations.
-
-        Returns
-        -------
-        Z : ndarray of shape (n_samples, n_components)
-            Means of ``q(z | x)``, with the dtype of ``X``.
-        """
-        x, model = self._fitted_input(X)
-        with torch.no_grad():
-            return model.encode(x)[0].numpy()
+        X = self._check_fitted_input(X)
+        return self._estimate(self._to_tensor(X))[1].numpy()
 
     def _sample_mean_and_variance(self, Z):
         # With the variance head, each draw's noise has the head's s^2(z).
@@ -425,9 +366,9 @@ class NonlinearICAVAE(BaseNonlinearICA):
         Parameters
         ----------
         X : array-like of shape (n_rows, n_features)
-            Observations.
+            Rows whose posteriors to draw from.
         n_samples : int, default=100
-            Draws per row.
+            Draws (chains) per row.
         n_steps : int, default=0
             MALA steps per chain; ``0`` returns the encoder's draws.
         random_state : int, RandomState instance or None, default=None
@@ -447,7 +388,8 @@ class NonlinearICAVAE(BaseNonlinearICA):
         >>> vae.sample_posterior(X[:3], n_samples=20, n_steps=10).shape
         (3, 20, 2)
         """
-        x, model = self._fitted_input(X)
+        x = self._to_tensor(self._check_fitted_input(X))
+        model = self._inference_model(x.dtype)
         check_count("n_samples", n_samples, 1)
         check_count("n_steps", n_steps, 0)
         generator = self._seed(check_random_state(random_state))

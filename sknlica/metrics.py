@@ -250,12 +250,11 @@ def canonical_correlations(A, B) -> np.ndarray:
     --------
     >>> import numpy as np
     >>> from sknlica.metrics import canonical_correlations
-    >>> rng = np.random.default_rng(0)
-    >>> A = rng.standard_normal((100, 2))
+    >>> A = np.random.default_rng(0).standard_normal((100, 2))
     >>> B = A @ np.array([[1.0, 2.0], [0.5, -1.0]]) + 3.0
     >>> canonical_correlations(A, B).round(6)
     array([1., 1.])
-    >>> canonical_correlations(A, rng.standard_normal((100, 3))).shape
+    >>> canonical_correlations(A, np.random.default_rng(1).normal(size=(100, 3))).shape
     (2,)
     """
     A, B = _check_pair(A, B)
@@ -311,8 +310,7 @@ def mean_corr_coef(A, B, method: str = "pearson") -> float:
     Raises
     ------
     ValueError
-        If an input is not a finite 2-D matrix with at least 2 rows, or if the
-        row counts differ.
+        For the inputs :func:`canonical_correlations` rejects.
 
     See Also
     --------
@@ -476,17 +474,14 @@ class ProcrustesScorer(_BaseScorer):
 class CCAScorer(_BaseScorer):
     """Scorer from canonical correlations; greater is better.
 
-    A plain callable ``scorer(estimator, X, y)`` usable as ``scoring`` in
-    scikit-learn's model selection tools with any transformer.
+    Used like :class:`ProcrustesScorer`: ``scoring=CCAScorer()`` in any of
+    scikit-learn's model selection tools, with any transformer.
 
     Parameters
     ----------
     target : {"latent", "reconstruction"}, default="latent"
-        ``"latent"`` compares ``estimator.transform(X)`` with the true latents
-        passed as ``y`` (e.g. ``search.fit(X, Z)``; estimators ignore ``y``).
-        ``"reconstruction"`` compares ``X`` with
-        ``estimator.inverse_transform(estimator.transform(X))`` and needs no
-        ``y``.
+        What is compared, as for :class:`ProcrustesScorer`: the estimate with
+        the true latents passed as ``y``, or ``X`` with its reconstruction.
     reduce : {"first", "mean"}, default="first"
         Return the largest canonical correlation, or the mean over the columns
         of the truth (``y`` or ``X``), where directions the estimate lacks
@@ -560,12 +555,13 @@ class MCCScorer(_BaseScorer):
 
     Examples
     --------
-    >>> from sklearn.decomposition import PCA
+    >>> from sklearn.decomposition import FastICA
     >>> from sknlica.datasets import make_nonlinear_ica
     >>> from sknlica.metrics import MCCScorer
-    >>> X, Z = make_nonlinear_ica(n_samples=300, random_state=0)
-    >>> pca = PCA(n_components=2).fit(X)
-    >>> 0.0 <= MCCScorer(method="spearman")(pca, X, Z) <= 1.0
+    >>> X, Z = make_nonlinear_ica(300, activation="identity", random_state=0)
+    >>> ica = FastICA(n_components=2, random_state=0).fit(X)
+    >>> score = MCCScorer(method="spearman")(ica, X, Z)
+    >>> bool(0.0 <= score <= 1.0)
     True
     """
 

@@ -134,8 +134,6 @@ len(activations) + 1), default=None
 
     Examples
     --------
-    >>> import matplotlib
-    >>> matplotlib.use("Agg")
     >>> from sknlica.plotting import plot_latent_and_observed
     >>> axes = plot_latent_and_observed(["relu"], [(1, 2)], n_samples=50)
     >>> axes.shape
@@ -229,8 +227,6 @@ def plot_reconstruction(
 
     Examples
     --------
-    >>> import matplotlib
-    >>> matplotlib.use("Agg")
     >>> import numpy as np
     >>> from sknlica.plotting import plot_reconstruction
     >>> X = np.random.default_rng(0).normal(size=(100, 5))
@@ -300,8 +296,6 @@ def plot_learning_curve(history, *, reference: float | None = None, ax=None):
 
     Examples
     --------
-    >>> import matplotlib
-    >>> matplotlib.use("Agg")
     >>> from sknlica.plotting import plot_learning_curve
     >>> history = [{"epoch": e, "train_log_likelihood": -30.0 + e} for e in (1, 2)]
     >>> ax = plot_learning_curve(history)
@@ -485,8 +479,6 @@ def plot_metric_scaling(
 
     Examples
     --------
-    >>> import matplotlib
-    >>> matplotlib.use("Agg")
     >>> from sknlica.plotting import plot_metric_scaling
     >>> records = [
     ...     {"estimator": "VAE", "n_components": 2, "n_features": n,
@@ -605,16 +597,15 @@ default=None
     random_state : int, RandomState instance or None, default=0
         Seeds the draws.
     axes : sequence of matplotlib Axes, default=None
-        One per row; a new figure when ``None``.
+        Where to draw, one per row; ``None`` makes a new figure.
 
     Returns
     -------
     axes : ndarray of matplotlib Axes
+        The axes drawn on, one per row.
 
     Examples
     --------
-    >>> import matplotlib
-    >>> matplotlib.use("Agg")
     >>> import numpy as np
     >>> from sknlica.plotting import plot_posterior
     >>> rng = np.random.default_rng(0)

@@ -5,6 +5,9 @@ import os
 import torch
 from hypothesis import settings
 
+# Figures (doctests of sknlica.plotting, the gallery) need no display.
+os.environ.setdefault("MPLBACKEND", "Agg")
+
 # Under pytest-xdist each worker gets one core; more threads would oversubscribe.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
