@@ -330,6 +330,18 @@ class BaseNonlinearICA(
             for marker, text in _DOC_BLOCKS.items():
                 cls.__doc__ = cls.__doc__.replace(f"    {{{marker}}}", text)
 
+    #: Parameters that shape the trained model.  A warm start or a later
+    #: ``partial_fit`` continues the fitted model, so it refuses a change of
+    #: any of them; inference reads them from the fitted model, never from
+    #: the current parameters (``set_params`` without a refit).
+    _architecture_parameters: tuple[str, ...] = (
+        "n_components",
+        "hidden_layer_sizes",
+        "activation",
+        "output_activation",
+        "learn_noise_variance",
+    )
+
     # ------------------------------------------------------------------ hooks
     #: The trained module (a class from ``sknlica._torch.models``); its parts
     #: are stored as ``<part>_`` fitted attributes.
@@ -361,7 +373,43 @@ class BaseNonlinearICA(
     # ------------------------------------------------------------- utilities
     @property
     def _n_features_out(self):
-        return self.n_components
+        return self._fitted_n_components
+
+    @property
+    def _fitted_n_components(self) -> int:
+        return self._architecture_["n_components"]
+
+    def _architecture(self) -> dict:
+        """The current values of the parameters that shape the model."""
+        architecture = {
+            name: _comparable(getattr(self, name))
+            for name in self._architecture_parameters
+        }
+        if not self.learn_noise_variance:
+            # A fixed sigma^2 is part of the model, not a starting point.
+            architecture["noise_variance"] = float(self.noise_variance)
+        return architecture
+
+    def _check_same_architecture(self, incremental: bool) -> None:
+        fitted, current = self._architecture_, self._architecture()
+        changed = [name for name in current if fitted.get(name) != current[name]]
+        if not changed:
+            return
+        how = "partial_fit" if incremental else "fit with warm_start=True"
+        restart = (
+            "fit (or clone) the estimator to train a new model"
+            if incremental
+            else "set warm_start=False to train a new model"
+        )
+        differences = ", ".join(
+            f"{name}={current[name]!r} (fitted: {fitted.get(name)!r})"
+            for name in changed
+        )
+        raise ValueError(
+            f"{how} continues the fitted model, but {differences} changed the "
+            f"model's shape since it was fitted. Restore the fitted value, or "
+            f"{restart}."
+        )
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -529,6 +577,8 @@ class BaseNonlinearICA(
     def _fit(self, X, *, incremental: bool):
         """``fit`` (all epochs, restarts) or ``partial_fit`` (one epoch)."""
         resume = hasattr(self, "decoder_") and (incremental or self.warm_start)
+        if resume:
+            self._check_same_architecture(incremental)
         X = self._validate(X, reset=not resume)
         self._check_params(X)
         if not incremental:
@@ -612,6 +662,7 @@ class BaseNonlinearICA(
         ]
         self.history_ = history_before + best.history
         self._epochs_trained_ = epochs_before + len(best.history)
+        self._architecture_ = self._architecture()
         self.n_iter_ = len(self.history_) if incremental else len(best.history)
         self.converged_ = best.converged and not incremental
         self.best_epoch_ = self.n_iter_ if incremental else best.best_epoch
@@ -732,7 +783,7 @@ class BaseNonlinearICA(
                 f"n_samples should be a positive integer, got {n_samples!r}."
             )
         rng = check_random_state(random_state)
-        Z = rng.standard_normal((n_samples, self.n_components))
+        Z = rng.standard_normal((n_samples, self._fitted_n_components))
         noise = rng.standard_normal((n_samples, self.n_features_in_))
         mean, variance = self._sample_mean_and_variance(Z)
         X = mean + np.sqrt(variance)[:, None] * noise
@@ -772,11 +823,12 @@ class BaseNonlinearICA(
         """
         check_is_fitted(self)
         Z = check_array(X, dtype=[np.float64, np.float32])
-        if Z.shape[1] != self.n_components:
+        n_components = self._fitted_n_components
+        if Z.shape[1] != n_components:
             raise ValueError(
                 f"inverse_transform expects latents with n_components="
-                f"{self.n_components} columns, got {Z.shape[1]}. Pass the output "
-                "of transform (or an array of that width)."
+                f"{n_components} columns, got {Z.shape[1]}. Pass the output of "
+                "transform (or an array of that width)."
             )
         return self._decode(Z).astype(Z.dtype, copy=False)
 
@@ -787,6 +839,13 @@ class BaseNonlinearICA(
             if isinstance(value, torch.nn.Module):
                 state[key] = value.cpu()
         return state
+
+
+def _comparable(value):
+    """Parameter values as compared across fits: sequences as tuples."""
+    if isinstance(value, list | tuple | np.ndarray):
+        return tuple(value)
+    return value
 
 
 def _interruption_message(n_run: int, n_init: int, last: TrainingRun) -> str:

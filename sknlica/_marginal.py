@@ -12,7 +12,7 @@ from sklearn.utils import check_array
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 
 from sknlica._torch.evaluation import DecodedRule, decode_nodes, evaluate
-from sknlica._torch.integration import RULES, prior_rule
+from sknlica._torch.integration import RULES, check_grid_budget, prior_rule
 from sknlica._torch.likelihood import log_marginal_chunked
 
 #: Prior nodes from whose best each row's mode search starts under
@@ -131,6 +131,7 @@ def marginal_log_likelihood(
                 "`n_components` attribute and no nn.Linear layer). Pass "
                 "n_components=m explicitly."
             )
+    check_grid_budget(integration, n_components, n_nodes)
     seed = int(np.random.default_rng(_seed_of(random_state)).integers(2**31 - 1))
     generator = torch.Generator().manual_seed(seed)
     adaptive = integration == "adaptive"

@@ -15,7 +15,7 @@ from sknlica._torch.evaluation import (
     resample_posterior,
 )
 from sknlica._torch.gaussian import latent_log_joint
-from sknlica._torch.integration import RULES
+from sknlica._torch.integration import RULES, check_grid_budget
 from sknlica._torch.likelihood import GRADIENTS
 from sknlica._torch.mle_objectives import make_mle_objective
 from sknlica._torch.models import MLEModel
@@ -159,6 +159,10 @@ class NonlinearICAMLE(BaseNonlinearICA):
         self.grid_half_width = grid_half_width
         self.gradient = gradient
 
+    def _check_params(self, X) -> None:
+        super()._check_params(X)
+        check_grid_budget(self.integration, self.n_components, self.n_nodes)
+
     # ------------------------------------------------------------- training
     def _build_model(self, n_features, *, scale, dtype, device, generator):
         build = {"dtype": dtype, "device": device}
@@ -195,7 +199,7 @@ class NonlinearICAMLE(BaseNonlinearICA):
         decoder = self._inference_model(x.dtype).decoder
         noise = torch.tensor(self.noise_variance_, dtype=x.dtype)
         rule = decoded_evaluation_rule(
-            decoder, self.n_components, self.n_eval_nodes, dtype=x.dtype
+            decoder, self._fitted_n_components, self.n_eval_nodes, dtype=x.dtype
         )
         return decoder, noise, rule
 

@@ -187,6 +187,11 @@ class NonlinearICAVAE(BaseNonlinearICA):
     }
 
     _model_class = VAEModel
+    _architecture_parameters = (
+        *BaseNonlinearICA._architecture_parameters,
+        "encoder_hidden_layer_sizes",
+        "amortized_variance",
+    )
 
     def __init__(
         self,
@@ -287,7 +292,7 @@ class NonlinearICAVAE(BaseNonlinearICA):
             kl_warmup_epochs=self.kl_warmup_epochs,
             n_components=self.n_components,
             monitor_samples=min(MONITOR_SAMPLES, self.n_eval_samples),
-            width=self._width(n_features),
+            width=self._width(n_features, self.hidden_layer_sizes),
             generator=generator,
         )
 
@@ -301,18 +306,23 @@ class NonlinearICAVAE(BaseNonlinearICA):
             return [(encoder, []), (decoder, noise)]
         return [(encoder + decoder, noise)]
 
-    def _width(self, n_features: int) -> int:
+    @staticmethod
+    def _width(n_features: int, hidden_layer_sizes) -> int:
         """The widest layer the decoder produces per latent (sizes chunks)."""
-        return max((n_features, *tuple(self.hidden_layer_sizes)))
+        return max((n_features, *tuple(hidden_layer_sizes)))
 
     # ------------------------------------------------------------ inference
     def _estimate(self, x):
         """Per-row importance-sampled ``log p(x)`` and ELBO (``n_eval_samples``)."""
         model = self._inference_model(x.dtype)
         eps = evaluation_draws(
-            self.n_components, self.n_eval_samples, dtype=x.dtype, device=x.device
+            self._fitted_n_components,
+            self.n_eval_samples,
+            dtype=x.dtype,
+            device=x.device,
         )
-        return encoder_estimate(model, x, eps, width=self._width(x.shape[1]))
+        width = self._width(x.shape[1], self._architecture_["hidden_layer_sizes"])
+        return encoder_estimate(model, x, eps, width=width)
 
     def _log_likelihood(self, x):
         return self._estimate(x)[0]
@@ -347,10 +357,10 @@ class NonlinearICAVAE(BaseNonlinearICA):
 
     def _sample_mean_and_variance(self, Z):
         # With the variance head, each draw's noise has the head's s^2(z).
-        if not self.amortized_variance:
+        model = self._inference_model(torch.float64)
+        if not model.amortized:
             return super()._sample_mean_and_variance(Z)
         with torch.no_grad():
-            model = self._inference_model(torch.float64)
             mean, variance = model.decode(torch.tensor(Z))
         return mean.numpy(), variance.numpy()
 
@@ -396,7 +406,7 @@ class NonlinearICAVAE(BaseNonlinearICA):
         with torch.no_grad():
             mean, log_var = model.encode(x)
             eps = standard_normal_draws(
-                (x.shape[0], n_samples, self.n_components),
+                (x.shape[0], n_samples, self._fitted_n_components),
                 generator=generator,
                 dtype=x.dtype,
                 device=x.device,

@@ -50,6 +50,28 @@ def nodes_per_axis(n_nodes: int, n_components: int) -> int:
     return max(1, round(n_nodes ** (1.0 / n_components)))
 
 
+def check_grid_budget(name: str, n_components: int, n_nodes: int) -> None:
+    """Refuse a tensor-product rule that would get one node per axis.
+
+    With one node per axis every node sits at the same place along that
+    axis, so the estimated likelihood does not depend on ``z`` there.
+    ``"auto"`` never does this (it switches to QMC), so only an explicit
+    ``"grid"`` or ``"gauss_hermite"`` is checked.
+    """
+    if name not in ("grid", "gauss_hermite"):
+        return
+    per_axis = nodes_per_axis(n_nodes, n_components)
+    if per_axis < 2:
+        raise ValueError(
+            f"integration={name!r} with n_nodes={n_nodes} and n_components="
+            f"{n_components} gets round(n_nodes ** (1 / n_components)) = "
+            f"{per_axis} node per axis, so the estimated likelihood would not "
+            f"depend on z. Pass n_nodes >= {2**n_components} (two nodes per "
+            "axis), or integration='qmc' (or 'auto'), whose accuracy needs no "
+            "per-axis count."
+        )
+
+
 def gauss_hermite_1d(order: int) -> tuple[np.ndarray, np.ndarray]:
     """Nodes and log-weights of the ``order``-point Gauss-Hermite rule for N(0, 1).
 

@@ -1,0 +1,177 @@
+"""Hostile use: warm starts and set_params, collapsing rules, real Ctrl-C.
+
+Each section is one fuzz category of the robustness issue; every test runs
+on both estimators.
+"""
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.exceptions import ConvergenceWarning
+
+from sknlica import NonlinearICAMLE, NonlinearICAVAE, marginal_log_likelihood
+from sknlica.datasets import make_nonlinear_ica
+
+SMALL = {
+    NonlinearICAMLE: {"n_nodes": 64, "n_eval_nodes": 256, "hidden_layer_sizes": (8,)},
+    NonlinearICAVAE: {"n_eval_samples": 64, "hidden_layer_sizes": (8,)},
+}
+ESTIMATORS = list(SMALL)
+
+#: Every parameter that shapes the fitted model, with a different value.
+ARCHITECTURE_CHANGES = {
+    NonlinearICAMLE: [
+        ("n_components", 3),
+        ("hidden_layer_sizes", (4,)),
+        ("activation", "tanh"),
+        ("output_activation", "sigmoid"),
+        ("learn_noise_variance", False),
+    ],
+    NonlinearICAVAE: [
+        ("n_components", 3),
+        ("hidden_layer_sizes", (4,)),
+        ("activation", "tanh"),
+        ("output_activation", "sigmoid"),
+        ("learn_noise_variance", False),
+        ("encoder_hidden_layer_sizes", (4, 4)),
+        ("amortized_variance", True),
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def data():
+    X, _ = make_nonlinear_ica(200, 2, 5, random_state=0)
+    return X
+
+
+@pytest.fixture(autouse=True)
+def _quiet_convergence():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        yield
+
+
+def _cases():
+    return [
+        (E, name, value) for E in ESTIMATORS for name, value in ARCHITECTURE_CHANGES[E]
+    ]
+
+
+# ------------------------------------------- warm starts and set_params
+@pytest.mark.parametrize(("Estimator", "name", "value"), _cases())
+def test_warm_start_refuses_a_changed_architecture(Estimator, name, value, data):
+    model = Estimator(**SMALL[Estimator], max_iter=2, warm_start=True, random_state=0)
+    model.fit(data)
+    before = model.score_samples(data)
+    model.set_params(**{name: value})
+    with pytest.raises(ValueError, match=f"{name}=.*fitted: .*warm_start=False"):
+        model.fit(data)
+    # The fitted model is untouched, and inference uses only fitted state.
+    np.testing.assert_array_equal(model.score_samples(data), before)
+    assert model.transform(data).shape == (len(data), 2)
+    assert model.sample(3, return_latent=True)[1].shape == (3, 2)
+    # Without warm_start the new architecture trains from scratch.
+    model.set_params(warm_start=False).fit(data)
+    assert np.all(np.isfinite(model.score_samples(data)))
+
+
+@pytest.mark.parametrize(("Estimator", "name", "value"), _cases())
+def test_partial_fit_refuses_a_changed_architecture(Estimator, name, value, data):
+    model = Estimator(**SMALL[Estimator], random_state=0).partial_fit(data)
+    model.set_params(**{name: value})
+    with pytest.raises(ValueError, match=f"partial_fit continues .*{name}="):
+        model.partial_fit(data)
+
+
+@pytest.mark.parametrize("Estimator", ESTIMATORS)
+def test_a_fixed_noise_variance_is_part_of_the_architecture(Estimator, data):
+    model = Estimator(
+        **SMALL[Estimator],
+        max_iter=1,
+        learn_noise_variance=False,
+        noise_variance=0.5,
+        warm_start=True,
+    ).fit(data)
+    model.set_params(noise_variance=0.7)
+    with pytest.raises(ValueError, match="noise_variance=0.7 .fitted: 0.5."):
+        model.fit(data)
+
+
+@pytest.mark.parametrize("Estimator", ESTIMATORS)
+def test_inference_after_set_params_uses_the_fitted_model(Estimator, data):
+    model = Estimator(**SMALL[Estimator], max_iter=1, random_state=0).fit(data)
+    expected = (model.transform(data), model.score_samples(data), model.sample(4, 0))
+    model.set_params(n_components=3, hidden_layer_sizes=(5, 5), activation="tanh")
+    got = (model.transform(data), model.score_samples(data), model.sample(4, 0))
+    for a, b in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert model.inverse_transform(expected[0]).shape == data.shape
+    assert len(model.get_feature_names_out()) == 2
+
+
+# ------------------------------------------------ rules that collapse
+@pytest.mark.parametrize("integration", ["grid", "gauss_hermite"])
+def test_a_grid_with_one_node_per_axis_is_refused(integration):
+    X = np.random.default_rng(0).normal(size=(40, 25))
+    model = NonlinearICAMLE(n_components=20, integration=integration)
+    with pytest.raises(ValueError, match="1 node per axis.*n_nodes >= 1048576"):
+        model.fit(X)
+    with pytest.raises(ValueError, match="integration='qmc'"):
+        marginal_log_likelihood(
+            X[:, :3],
+            lambda z: z[:, :3],
+            1.0,
+            n_components=20,
+            integration=integration,
+            n_nodes=1000,
+        )
+    # "auto" never collapses: it takes QMC at this size.
+    NonlinearICAMLE(n_components=20, max_iter=1, hidden_layer_sizes=(4,)).fit(X)
+
+
+# --------------------------------------------------------------- Ctrl-C
+_CHILD = """
+import sys, time
+from sknlica import {estimator}
+from sknlica.datasets import make_nonlinear_ica
+
+X, _ = make_nonlinear_ica(2000, 2, 10, random_state=0)
+model = {estimator}(n_init=3, max_iter=10**6, n_iter_no_change=10**6, random_state=0)
+print("fitting", flush=True)
+model.fit(X)
+print("done", model.n_iter_, model.best_epoch_, flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("Estimator", ESTIMATORS)
+def test_one_sigint_stops_the_whole_fit_and_keeps_the_best_model(Estimator):
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(_CHILD.format(estimator=Estimator.__name__)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout.readline().strip() == "fitting"
+    time.sleep(4.0)  # a few epochs of the first restart
+    child.send_signal(signal.SIGINT)
+    try:
+        out, err = child.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        pytest.fail("one SIGINT did not stop the fit within 60 s")
+    assert child.returncode == 0, err
+    assert "interrupted after" in err and "restart 1 of 3" in err
+    n_iter, best_epoch = map(int, out.split()[1:])
+    assert 1 <= best_epoch <= n_iter
