@@ -52,7 +52,10 @@ bench: $(VENV)/.extras-test
 	$(PY) benchmarks/bench_vae.py
 	$(PY) benchmarks/bench_adaptive.py
 	$(PY) benchmarks/bench_small_noise.py
-	$(PY) benchmarks/bench_performance.py
+	$(PY) benchmarks/bench_speed.py
+	$(PY) benchmarks/bench_breakdown.py
+	$(PY) benchmarks/bench_memory.py
+	$(PY) benchmarks/bench_report_settings.py
 	$(PY) benchmarks/bench_scaling.py
 
 clean:

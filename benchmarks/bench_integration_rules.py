@@ -9,17 +9,20 @@ own error is checked against one with half as many nodes per axis.  The rule
 ``grid (l=2.5)`` is the report's box.  This is what picks
 ``integration="auto"``.
 
-Run: ``python benchmarks/bench_integration_rules.py [--quick]``.
+Run: ``python benchmarks/bench_integration_rules.py [--quick] [--output DIR]``
+(``--quick``: m = 2, relu and tanh, 50 rows, budgets 64 and 256 against a
+200 x 200 reference, one seed; seconds).  Writes
+``DIR/integration_rules.json`` and ``.md`` (``integration_rules_quick.*`` with
+``--quick``; ``DIR`` defaults to ``benchmarks/results``).
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 import torch
-from _common import write_results
+from _common import base_parser, write_results
 
 from sknlica._torch.integration import RULES, grid_rule, prior_rule
 from sknlica._torch.likelihood import log_marginal_chunked
@@ -43,18 +46,19 @@ def reference(X, mixing, per_axis):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rows/budgets")
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    n_rows = 100 if args.quick else 300
-    budgets = (256, 1024, 4096) if args.quick else (64, 256, 1024, 4096, 16384)
-    dims = (2,) if args.quick else (1, 2, 3)
-    reference_per_axis = {1: 20000, 2: 1000, 3: 160}
-    seeds = (0, 1, 2)
+    args = base_parser(__doc__).parse_args()
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        n_rows, budgets, dims = 50, (64, 256), (2,)
+        activations, seeds = ("relu", "tanh"), (0,)
+        reference_per_axis = {2: 200}
+    else:
+        n_rows, budgets, dims = 300, (64, 256, 1024, 4096, 16384), (1, 2, 3)
+        activations, seeds = ACTIVATIONS, (0, 1, 2)
+        reference_per_axis = {1: 20000, 2: 1000, 3: 160}
     rows = []
     for m in dims:
-        for activation in ACTIVATIONS:
+        for activation in activations:
             X, _, mixing = make_nonlinear_ica(
                 n_rows,
                 m,
@@ -98,11 +102,12 @@ def main() -> None:
     md = ["# Integration rules: mean |error| of log p(x) per row (nats)", ""]
     md.append(
         f"True model of `make_nonlinear_ica` (n=20, sigma^2=1), {n_rows} rows; "
-        "randomised rules averaged over 3 seeds; reference: prior-weighted "
+        f"randomised rules averaged over {len(seeds)} seeds; reference: "
+        "prior-weighted "
         f"midpoint grid on [-{REFERENCE_HALF_WIDTH:g}, {REFERENCE_HALF_WIDTH:g}]^m."
     )
     for m in dims:
-        for activation in ACTIVATIONS:
+        for activation in activations:
             subset = [r for r in rows if r["m"] == m and r["activation"] == activation]
             md += [
                 "",
@@ -112,7 +117,13 @@ def main() -> None:
             ]
             md.append(_rule_table(subset))
 
-    write_results("integration_rules", {"rows": rows}, "\n".join(md))
+    write_results(
+        "integration_rules",
+        {"rows": rows},
+        "\n".join(md),
+        output=args.output,
+        quick=args.quick,
+    )
 
 
 def _rule_table(subset):

@@ -26,39 +26,37 @@ not with N.
 
 Benchmarks measure and report; nothing here asserts.
 
-Run: ``python benchmarks/bench_scaling.py [--quick] [--threads T]
-[--wait-quiet SECONDS]``.  Writes
-``benchmarks/results/scaling.json`` and ``.md`` (``scaling_quick.*`` with
-``--quick``).
+Run: ``python benchmarks/bench_scaling.py [--quick] [--output DIR]
+[--threads T] [--wait-quiet SECONDS]`` (``--quick``: one subprocess, m=3,
+1,000 float32 rows, ``early_stopping=True``, 2 epochs, 100 held-out rows,
+4,096 and 1,024 truth nodes: seconds, its numbers are not results).  Writes
+``DIR/scaling.json`` and ``.md`` (``scaling_quick.*`` with ``--quick``;
+``DIR`` defaults to ``benchmarks/results``).
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
 import time
-import warnings
 
 import numpy as np
 import torch
 from _common import (
+    PeakMemory,
     QuietWaiter,
     benchmark_parser,
     child_result,
-    current_rss_mib,
     epoch_seconds,
     markdown_table,
     median_after_first,
-    peak_rss_mib,
-    reset_peak_rss,
     run_child,
     set_threads,
     thread_params,
+    timed_fit,
     write_results,
 )
-from sklearn.exceptions import ConvergenceWarning
 
 from sknlica import NonlinearICAMLE, marginal_log_likelihood
 from sknlica._torch.integration import auto_rule
@@ -85,12 +83,23 @@ TRUTH_TOLERANCE = 0.05
 GENERATION_CHUNK = 100_000
 
 
+#: ``--quick``: epochs, held-out rows and the truth's nodes of every fit.
+QUICK_EPOCHS, QUICK_TEST_ROWS, QUICK_TRUTH_NODES = 2, 100, (2**12, 2**10)
+
+
 def axes(quick: bool) -> list[dict]:
     if quick:
+        # Every code path of the child once, in one subprocess: QMC training
+        # (m=3), float32 input, early stopping, the truth and its check.
         return [
-            {"axis": "n", "n": 20, "m": 2, "N": 5000},
-            {"axis": "m", "n": 20, "m": 3, "N": 5000},
-            {"axis": "N", "n": 20, "m": 2, "N": 10_000},
+            {
+                "axis": "m",
+                "n": 20,
+                "m": 3,
+                "N": 1000,
+                "dtype": "float32",
+                "early_stopping": True,
+            }
         ]
     configs = [{"axis": "n", "n": n, "m": 2, "N": 5000} for n in (20, 100, 1000, 5000)]
     configs += [{"axis": "m", "n": 20, "m": m, "N": 5000} for m in (1, 2, 3, 5, 10)]
@@ -125,21 +134,16 @@ def make_data(n_rows: int, n_components: int, n_features: int, dtype, n_test=N_T
     return X, X_test.astype(dtype), mixing
 
 
-def fit(X, params: dict):
-    estimator = NonlinearICAMLE(**params)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        estimator.fit(X)
-    return estimator
-
-
 def child(config: dict) -> dict:
     """One configuration in this (fresh) process."""
     threads = config["threads"]
     set_threads(threads)
     n, m, n_rows = config["n"], config["m"], config["N"]
     dtype = np.float32 if config.get("dtype") == "float32" else np.float64
-    n_test = TEST_ROWS_BY_FEATURES.get(n, N_TEST)
+    n_test = config.get("test_rows") or TEST_ROWS_BY_FEATURES.get(n, N_TEST)
+    truth_nodes, check_nodes = config.get(
+        "truth_nodes", (TRUTH_NODES, TRUTH_CHECK_NODES)
+    )
     X, X_test, mixing = make_data(n_rows, m, n, dtype, n_test)
     params = {
         "n_components": m,
@@ -150,25 +154,21 @@ def child(config: dict) -> dict:
         **thread_params(NonlinearICAMLE, threads),
     }
     # Warm-up on tiny shapes: libraries and thread pools, not the working set.
-    fit(X[:64], {**params, "max_iter": 1, "n_nodes": 16, "batch_size": 8})
-    gc.collect()
-    reset = reset_peak_rss()
-    baseline, rss_before = peak_rss_mib(), current_rss_mib()
-    start = time.perf_counter()
-    estimator = fit(X, params)
-    fit_s = time.perf_counter() - start
-    peak = peak_rss_mib() - baseline
-    retained = current_rss_mib() - rss_before
+    warm_up = {**params, "max_iter": 1, "n_nodes": 16, "batch_size": 8}
+    timed_fit(NonlinearICAMLE(**warm_up), X[:64])
+    estimator = NonlinearICAMLE(**params)
+    with PeakMemory() as memory:
+        fit_s = timed_fit(estimator, X)
     epochs = epoch_seconds(estimator.history_)
     out = {
         "epoch_s": median_after_first(epochs),
         "epochs_s": epochs,
         "fit_s": fit_s,
-        "peak_mib": peak,
-        "retained_mib": retained,
+        "peak_mib": memory.peak_mib,
+        "retained_mib": memory.retained_mib,
         "data_mib": X.nbytes / 2**20,
-        "baseline_rss_mib": rss_before,
-        "peak_reset": reset,
+        "baseline_rss_mib": memory.rss_before_mib,
+        "peak_reset": memory.peak_reset,
         "n_epochs": estimator.n_iter_,
         "steps": estimator.n_iter_ * math.ceil(len(X) / BATCH),
         "noise_variance": estimator.noise_variance_,
@@ -180,8 +180,8 @@ def child(config: dict) -> dict:
     out["score_s"] = time.perf_counter() - start
     if m <= TRUTH_MAX_COMPONENTS and n <= TRUTH_MAX_FEATURES:
         start = time.perf_counter()
-        truth = marginal_log_likelihood(X_test, mixing, 1.0, n_nodes=TRUTH_NODES)
-        coarse = marginal_log_likelihood(X_test, mixing, 1.0, n_nodes=TRUTH_CHECK_NODES)
+        truth = marginal_log_likelihood(X_test, mixing, 1.0, n_nodes=truth_nodes)
+        coarse = marginal_log_likelihood(X_test, mixing, 1.0, n_nodes=check_nodes)
         out["true_ll"] = float(truth.mean())
         out["truth_check"] = float(abs(truth.mean() - coarse.mean()))
         out["gap"] = out["held_out_ll"] - out["true_ll"]
@@ -271,8 +271,7 @@ def render(rows: list[dict], settings: dict) -> str:
 
 
 def main() -> None:
-    parser = benchmark_parser(__doc__, "three small configurations (< 2 min)")
-    args = parser.parse_args()
+    args = benchmark_parser(__doc__).parse_args()
     if args.child:
         child_result(child(json.loads(args.child)))
         return
@@ -291,8 +290,12 @@ def main() -> None:
         config = {
             **config,
             "threads": args.threads,
-            "epochs": 3 if args.quick else EPOCHS_BY_ROWS.get(config["N"], EPOCHS),
+            "epochs": EPOCHS_BY_ROWS.get(config["N"], EPOCHS),
         }
+        if args.quick:
+            config["epochs"] = QUICK_EPOCHS
+            config["test_rows"] = QUICK_TEST_ROWS
+            config["truth_nodes"] = QUICK_TRUTH_NODES
         busy = waiter.wait()
         result = run_child(__file__, config, timeout=1800)
         row = {**config, **result, "other_cpus": busy}
@@ -301,8 +304,13 @@ def main() -> None:
     settings["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     settings["waited_for_quiet_s"] = waiter.waited_s
     settings["wall_seconds"] = time.perf_counter() - start
-    name = "scaling_quick" if args.quick else "scaling"
-    write_results(name, {"settings": settings, "rows": rows}, render(rows, settings))
+    write_results(
+        "scaling",
+        {"settings": settings, "rows": rows},
+        render(rows, settings),
+        output=args.output,
+        quick=args.quick,
+    )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 ``bench_adaptive.py`` measures the held-out gap of each training method to
 the true model.  This benchmark splits that gap for the defaults, on the
 same data (``make_nonlinear_ica``, relu, m = 2, n = 20, 5,000 training and
-2,000 held-out rows, ``random_state=0``, one torch thread):
+2,000 held-out rows, ``random_state=0``, one torch thread unless
+``--threads`` says otherwise):
 
 Part 1, decomposition, at sigma^2 in {1, 0.04}: for ``NonlinearICAMLE`` and
 ``NonlinearICAVAE`` with their defaults, the *training* gap (true model's
@@ -22,47 +23,94 @@ by ``integration="adaptive"`` for 40 epochs without early stopping (so
 nothing is kept from the start) at three Adam learning rates, with the
 default parameter averaging (``ema_decay=0.998``) and, at the default rate,
 without it.  A model that starts at the truth and drifts away measures what
-the optimiser itself costs, not a failure to find the optimum.
+the optimiser itself costs, not a failure to find the optimum.  The decoder
+is built as the estimator builds its default one (``make_mlp`` of the
+numeric layer with ``NonlinearICAMLE``'s decoder parameters,
+``_common.default_decoder``), and the fit starts from it by ``warm_start``:
+a one-epoch fit on 50 rows, whose fitted ``decoder_`` and ``noise_`` are
+then replaced by the true generator and a ``NoiseVariance`` at the true
+sigma^2 (the public fitted attributes a warm start continues from).
 
-Run: ``python benchmarks/bench_small_noise.py``.
+Run: ``python benchmarks/bench_small_noise.py [--quick] [--output DIR]``
+(``--quick``: 200 training and 100 held-out rows, 2 epochs per fit, two
+optimiser settings: seconds; its numbers are not results).  Writes
+``DIR/small_noise.json`` and ``.md`` (``small_noise_quick.*`` with
+``--quick``; ``DIR`` defaults to ``benchmarks/results``).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from _common import markdown_table, mle_with_decoder, quiet_fit, write_results
+from _common import (
+    base_parser,
+    default_decoder,
+    markdown_table,
+    mle_log_likelihood,
+    quiet_fit,
+    write_results,
+)
 
 from sknlica import NonlinearICAMLE, NonlinearICAVAE
+from sknlica._torch.networks import NoiseVariance
 from sknlica.datasets import make_nonlinear_ica
 
-N_TRAIN, N_TEST = 5000, 2000
 #: (learning_rate_init, ema_decay) of part 2: the default rate without and
 #: with the default averaging, then smaller rates.
 OPTIMISER_SETTINGS = ((3e-3, 0.0), (3e-3, 0.998), (1e-3, 0.998), (3e-4, 0.998))
 
 
-def make_problem(noise_variance: float):
+@dataclass(frozen=True)
+class Sizes:
+    n_train: int = 5000
+    n_test: int = 2000
+    #: Epochs of part 2's fits from the true generator.
+    floor_epochs: int = 40
+    #: How many of :data:`OPTIMISER_SETTINGS` part 2 runs.
+    n_settings: int = len(OPTIMISER_SETTINGS)
+    #: Parameters part 1's fits get on top of the defaults.
+    fit_params: tuple = ()
+
+
+FULL = Sizes()
+QUICK = Sizes(
+    n_train=200, n_test=100, floor_epochs=2, n_settings=2, fit_params=(("max_iter", 2),)
+)
+
+
+def make_problem(noise_variance: float, sizes: Sizes):
     """Training rows, held-out rows, their true latents, the true mixing."""
     X, Z, mixing = make_nonlinear_ica(
-        N_TRAIN + N_TEST,
+        sizes.n_train + sizes.n_test,
         2,
         20,
         noise_variance=noise_variance,
         random_state=0,
         return_mixing=True,
     )
-    return X[:N_TRAIN], X[N_TRAIN:], Z[N_TRAIN:], mixing
+    n_train = sizes.n_train
+    return X[:n_train], X[n_train:], Z[n_train:], mixing
+
+
+class Truth:
+    """The true model's per-row log-likelihood of the training and held-out rows."""
+
+    def __init__(self, mixing, noise_variance, train, test) -> None:
+        decoder = mixing.to_torch_module().requires_grad_(False)
+        self.train = mle_log_likelihood(train, decoder, noise_variance, n_components=2)
+        self.test = mle_log_likelihood(test, decoder, noise_variance, n_components=2)
 
 
 def gaps(decoder, noise_variance, truth, train, test, test_latents=None) -> dict:
-    scored = mle_with_decoder(decoder, noise_variance, train[:200])
-    train_gap = truth.score(train) - scored.score(train)
-    per_row = truth.score_samples(test) - scored.score_samples(test)
+    def log_likelihood(X):
+        return mle_log_likelihood(X, decoder, noise_variance, n_components=2)
+
+    train_gap = float(truth.train.mean() - log_likelihood(train).mean())
+    per_row = truth.test - log_likelihood(test)
     result = {
         "train gap": train_gap,
         "held-out gap": float(per_row.mean()),
@@ -76,16 +124,15 @@ def gaps(decoder, noise_variance, truth, train, test, test_latents=None) -> dict
     return result
 
 
-def decomposition_rows() -> list[dict]:
+def decomposition_rows(sizes: Sizes = FULL) -> list[dict]:
     rows = []
     for noise_variance in (1.0, 0.04):
-        train, test, latents, mixing = make_problem(noise_variance)
-        truth = mle_with_decoder(
-            mixing.to_torch_module().requires_grad_(False), noise_variance, train[:200]
-        )
+        train, test, latents, mixing = make_problem(noise_variance, sizes)
+        truth = Truth(mixing, noise_variance, train, test)
         for estimator in (NonlinearICAMLE, NonlinearICAVAE):
             began = time.perf_counter()
-            model = quiet_fit(estimator(random_state=0), train)
+            model = estimator(random_state=0, **dict(sizes.fit_params))
+            model = quiet_fit(model, train)
             seconds = time.perf_counter() - began
             rows.append(
                 {
@@ -109,19 +156,11 @@ def decomposition_rows() -> list[dict]:
 
 def true_generator_in_default_decoder(mixing) -> torch.nn.Module:
     """The default (64,) relu decoder computing exactly ``relu(W z + b)``."""
-    decoder = (
-        NonlinearICAMLE()
-        ._build_model(
-            mixing.weights.shape[0],
-            scale=1.0,
-            dtype=torch.float64,
-            device="cpu",
-            generator=torch.Generator().manual_seed(0),
-        )
-        .decoder
+    n_features = mixing.weights.shape[0]
+    decoder = default_decoder(
+        NonlinearICAMLE, n_features, generator=torch.Generator().manual_seed(0)
     )
     first, last = decoder[0], decoder[2]
-    n_features = mixing.weights.shape[0]
     with torch.no_grad():
         first.weight[:n_features] = torch.tensor(mixing.weights)
         first.bias[:n_features] = torch.tensor(mixing.bias)
@@ -131,14 +170,12 @@ def true_generator_in_default_decoder(mixing) -> torch.nn.Module:
     return decoder
 
 
-def noise_floor_rows() -> list[dict]:
+def noise_floor_rows(sizes: Sizes = FULL) -> list[dict]:
     noise_variance = 0.04
-    train, test, _, mixing = make_problem(noise_variance)
-    truth = mle_with_decoder(
-        mixing.to_torch_module().requires_grad_(False), noise_variance, train[:200]
-    )
+    train, test, _, mixing = make_problem(noise_variance, sizes)
+    truth = Truth(mixing, noise_variance, train, test)
     rows = []
-    for learning_rate, ema_decay in OPTIMISER_SETTINGS:
+    for learning_rate, ema_decay in OPTIMISER_SETTINGS[: sizes.n_settings]:
         model = quiet_fit(
             NonlinearICAMLE(
                 integration="adaptive",
@@ -149,15 +186,18 @@ def noise_floor_rows() -> list[dict]:
             ),
             train[:50],
         )
+        # Where the warm start continues from: the true generator and sigma^2,
+        # with the floor of the fitted noise.
         model.decoder_ = true_generator_in_default_decoder(mixing)
-        with torch.no_grad():
-            model.noise_.raw.fill_(math.log(noise_variance - model.noise_.floor))
-        model.noise_variance_ = noise_variance
+        model.noise_ = NoiseVariance(
+            noise_variance, learn=True, floor=model.noise_.floor
+        )
+        model.noise_variance_ = float(model.noise_().detach())
         start = gaps(model.decoder_, noise_variance, truth, train, test)
         model.set_params(
-            max_iter=40,
+            max_iter=sizes.floor_epochs,
             tol=0.0,
-            n_iter_no_change=40,
+            n_iter_no_change=sizes.floor_epochs,
             learning_rate_init=learning_rate,
             ema_decay=ema_decay,
         )
@@ -178,18 +218,22 @@ def noise_floor_rows() -> list[dict]:
 
 
 def main() -> None:
-    torch.set_num_threads(1)
+    args = base_parser(__doc__, threads=1).parse_args()
+    torch.set_num_threads(args.threads)
+    sizes = QUICK if args.quick else FULL
     load_before = os.getloadavg()
-    decomposition = decomposition_rows()
-    floor = noise_floor_rows()
+    decomposition = decomposition_rows(sizes)
+    floor = noise_floor_rows(sizes)
     load_after = os.getloadavg()
     markdown = (
         "## Gap decomposition (defaults; nats/sample against the true model)\n\n"
         + markdown_table(decomposition)
         + "\n\n## From the true generator inside the default decoder "
-        + "(sigma^2 = 0.04, adaptive, 40 epochs, no early stopping)\n\n"
+        + f"(sigma^2 = 0.04, adaptive, {sizes.floor_epochs} epochs, no early "
+        + "stopping)\n\n"
         + markdown_table(floor)
-        + "\n\nLoad average (1, 5, 15 min), 2 shared cores: "
+        + f"\n\n{args.threads} torch thread(s). Load average (1, 5, 15 min), "
+        + "2 shared cores: "
         + "{:.2f}, {:.2f}, {:.2f} before, ".format(*load_before)
         + "{:.2f}, {:.2f}, {:.2f} after.".format(*load_after)
     )
@@ -197,6 +241,8 @@ def main() -> None:
         "small_noise",
         {"decomposition": decomposition, "noise_floor": floor},
         markdown,
+        output=args.output,
+        quick=args.quick,
     )
 
 

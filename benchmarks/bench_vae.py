@@ -18,33 +18,76 @@ amortised variance head vs one global sigma^2), record:
 * for the gradient estimators, the variance of the encoder gradient over
   repeated draws on one fixed minibatch of the fitted default model.
 
+The gradient estimators are rebuilt from the numeric layer as the
+estimator's ``fit`` builds them (``_common.vae_objective``: the
+``VAEObjective`` of the fitted model's parameters with the estimator's
+settings changed), and evaluated on a copy of the fitted ``encoder_``,
+``decoder_`` and ``noise_`` (a ``VAEModel``), each with the same seeded
+draws.
+
 Usage::
 
-    python benchmarks/bench_vae.py            # everything (a few minutes)
-    python benchmarks/bench_vae.py --quick    # relu only, three variants
+    python benchmarks/bench_vae.py                # everything (a few minutes)
+    python benchmarks/bench_vae.py --quick        # smoke test, seconds
+    python benchmarks/bench_vae.py --output DIR   # results elsewhere
 
-Writes ``benchmarks/results/vae.json`` and ``vae.md`` (``vae_quick.*`` with
-``--quick``).
+``--quick``: relu, one seed, three variants, 400 training and 200 held-out
+rows, 3 epochs, 5 gradient replicates (its numbers are not results).  Writes
+``DIR/vae.json`` and ``vae.md`` (``vae_quick.*`` with ``--quick``; ``DIR``
+defaults to ``benchmarks/results``).
 """
 
 from __future__ import annotations
 
-import argparse
-import time
-import warnings
+import copy
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from _common import markdown_table, write_results
-from sklearn.base import clone
-from sklearn.exceptions import ConvergenceWarning
+from _common import (
+    base_parser,
+    estimator_defaults,
+    markdown_table,
+    timed_fit,
+    vae_objective,
+    write_results,
+)
 
 from sknlica import NonlinearICAVAE, marginal_log_likelihood
-from sknlica._torch import elbo
+from sknlica._torch.elbo import score_function_elbo
+from sknlica._torch.gaussian import (
+    diagonal_normal_log_density,
+    isotropic_log_density,
+    kl_to_standard_normal,
+    reparameterize,
+    standard_normal_draws,
+)
+from sknlica._torch.models import VAEModel
 from sknlica.datasets import make_nonlinear_ica
 
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "leaky_relu", "gelu")
-N_TRAIN, N_TEST = 5000, 2000
+
+
+@dataclass(frozen=True)
+class Sizes:
+    n_train: int = 5000
+    n_test: int = 2000
+    #: Nodes of the quadratures (``marginal_log_likelihood``).
+    truth_nodes: int = 2**16
+    #: Gradient estimates per estimator on the fixed minibatch.
+    n_replicates: int = 300
+    #: Parameters every fit gets on top of its own (``--quick``: few epochs).
+    fit_params: tuple = ()
+
+
+FULL = Sizes()
+QUICK = Sizes(
+    n_train=400,
+    n_test=200,
+    truth_nodes=4096,
+    n_replicates=5,
+    fit_params=(("max_iter", 3),),
+)
 #: The issue's targets for the default estimator.
 TARGET_GAP, TARGET_NOISE_REL, TARGET_SECONDS = 0.1, 0.05, 20.0
 
@@ -95,9 +138,9 @@ GRADIENT_ESTIMATORS = {
 }
 
 
-def make_data(activation: str, seed: int):
+def make_data(activation: str, seed: int, sizes: Sizes = FULL):
     X, _, mixing = make_nonlinear_ica(
-        N_TRAIN + N_TEST,
+        sizes.n_train + sizes.n_test,
         2,
         20,
         activation=activation,
@@ -105,21 +148,18 @@ def make_data(activation: str, seed: int):
         random_state=seed,
         return_mixing=True,
     )
-    X_train, X_test = X[:N_TRAIN], X[N_TRAIN:]
-    true_ll = float(
-        marginal_log_likelihood(X_test, mixing, mixing.noise_variance).mean()
+    X_train, X_test = X[: sizes.n_train], X[sizes.n_train :]
+    true_ll = marginal_log_likelihood(
+        X_test, mixing, mixing.noise_variance, n_nodes=sizes.truth_nodes
     )
-    return X_train, X_test, true_ll
+    return X_train, X_test, float(true_ll.mean())
 
 
-def run(params: dict, activation: str, seed: int, data) -> tuple[dict, NonlinearICAVAE]:
+def run(params: dict, activation: str, seed: int, data, sizes: Sizes = FULL):
+    """One fit and its scores; returns the row and the fitted estimator."""
     X_train, X_test, true_ll = data
-    model = NonlinearICAVAE(random_state=0, **params)
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        model.fit(X_train)
-    seconds = time.perf_counter() - start
+    model = NonlinearICAVAE(random_state=0, **dict(sizes.fit_params), **params)
+    seconds = timed_fit(model, X_train)
     score = model.score(X_test)
     bound = float(np.mean(model.elbo(X_test)))
     row = {
@@ -145,7 +185,7 @@ def run(params: dict, activation: str, seed: int, data) -> tuple[dict, Nonlinear
     )
     if not model.amortized_variance:
         quadrature = marginal_log_likelihood(
-            X_test, model.decoder_, model.noise_variance_
+            X_test, model.decoder_, model.noise_variance_, n_nodes=sizes.truth_nodes
         ).mean()
         row["is_error"] = float(quadrature - score)
     return row, model
@@ -161,10 +201,19 @@ def gradient_variance(fitted: NonlinearICAVAE, X, n_replicates: int = 300) -> li
     batch = torch.tensor(X[:128])
     rows = []
     for label, params in GRADIENT_ESTIMATORS.items():
+        # The same draws for every estimator: a fresh generator seeded 0.
+        generator = torch.Generator().manual_seed(0)
         if params is None:
-            loss = _score_function_without_baseline
+            loss = _score_function_without_baseline(generator)
         else:
-            loss = clone(fitted).set_params(**params)._training_loss
+            settings = estimator_defaults(
+                NonlinearICAVAE, **{**fitted.get_params(), **params}
+            )
+            objective = vae_objective(settings, batch.shape[1], generator)
+
+            def loss(model, batch, objective=objective):
+                return objective.loss(model, batch, None)
+
         grads = _encoder_gradients(loss, fitted, batch, n_replicates)
         total_variance = float(grads.var(0).sum())
         squared_norm = float(grads.mean(0).square().sum())
@@ -183,28 +232,32 @@ def gradient_variance(fitted: NonlinearICAVAE, X, n_replicates: int = 300) -> li
 
 
 def _encoder_gradients(loss, fitted, batch, n_replicates):
-    # A private copy of the fitted modules; the same draws for every estimator.
-    model = fitted._fitted_model(torch.float64)
-    generator = torch.Generator().manual_seed(0)
+    # A private copy of the fitted modules, so the fitted model is untouched.
+    model = copy.deepcopy(VAEModel(fitted.encoder_, fitted.decoder_, fitted.noise_))
     out = []
     for _ in range(n_replicates):
         model.zero_grad(set_to_none=True)
-        loss(model, batch, generator=generator).backward()
+        loss(model, batch).backward()
         out.append(torch.cat([p.grad.flatten() for p in model.encoder.parameters()]))
     return torch.stack(out)
 
 
-def _score_function_without_baseline(model, batch, *, generator):
-    mean, log_var = model.encode(batch)
-    eps = elbo.standard_normal_draws(
-        (1, *mean.shape), generator=generator, dtype=mean.dtype
-    )
-    z = elbo.reparameterize(mean, log_var, eps).detach()
-    log_lik = elbo.gaussian_log_likelihood(batch, *model.decode(z))
-    log_q = elbo.diagonal_normal_log_density(z, mean, log_var)
-    kl = elbo.kl_to_standard_normal(mean, log_var)
-    zero = torch.zeros_like(log_lik)
-    return -elbo.score_function_elbo(log_lik, log_q, kl, zero).mean()
+def _score_function_without_baseline(generator):
+    """The plain log-derivative ELBO estimator, one draw, no baseline."""
+
+    def loss(model, batch):
+        mean, log_var = model.encode(batch)
+        eps = standard_normal_draws(
+            (1, *mean.shape), generator=generator, dtype=mean.dtype
+        )
+        z = reparameterize(mean, log_var, eps).detach()
+        log_lik = isotropic_log_density(batch, *model.decode(z))
+        log_q = diagonal_normal_log_density(z, mean, log_var)
+        kl = kl_to_standard_normal(mean, log_var)
+        zero = torch.zeros_like(log_lik)
+        return -score_function_elbo(log_lik, log_q, kl, zero).mean()
+
+    return loss
 
 
 COLUMNS = [
@@ -220,12 +273,13 @@ COLUMNS = [
 ]
 
 
-def markdown(results: dict) -> str:
+def markdown(results: dict, sizes: Sizes) -> str:
     lines = [
         "# NonlinearICAVAE quality and speed",
         "",
-        f"`make_nonlinear_ica`, m=2, n=20, sigma^2=1, {N_TRAIN} train / {N_TEST} "
-        f"held-out rows, {torch.get_num_threads()} threads. gap = true model's "
+        f"`make_nonlinear_ica`, m=2, n=20, sigma^2=1, {sizes.n_train} train / "
+        f"{sizes.n_test} held-out rows, {torch.get_num_threads()} threads. "
+        "gap = true model's "
         "held-out log-likelihood minus the fitted `score` (nats/sample); IS error = "
         "the fitted model's quadrature log-likelihood minus its importance-sampling "
         "`score`; ELBO gap = `score - mean(elbo)`. Targets: gap < "
@@ -258,7 +312,8 @@ def markdown(results: dict) -> str:
             "",
             "## Encoder-gradient variance (fitted default model, one minibatch)",
             "",
-            "300 gradient estimates on the same 128 rows; total variance = sum of "
+            f"{sizes.n_replicates} gradient estimates on the same 128 rows; "
+            "total variance = sum of "
             "per-coordinate variances over the encoder's parameters; SNR = squared "
             "norm of the mean gradient / total variance.",
             "",
@@ -284,14 +339,13 @@ def _display(row: dict, name: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="relu, three variants")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser = base_parser(__doc__)
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[0, 1, 2], help="data seeds"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    sizes = QUICK if args.quick else FULL
     seeds = args.seeds[:1] if args.quick else args.seeds
     activations = ("relu",) if args.quick else ACTIVATIONS
     variants = QUICK_VARIANTS if args.quick else tuple(VARIANTS)
@@ -299,30 +353,37 @@ def main() -> None:
     default_fit = None
     for activation in activations:
         for seed in seeds:
-            row, model = run({}, activation, seed, make_data(activation, seed))
+            data = make_data(activation, seed, sizes)
+            row, model = run({}, activation, seed, data, sizes)
             results["activations"].append(row)
             if activation == "relu" and seed == seeds[0]:
                 default_fit = (row, model)
             _report(activation, row)
-    if not args.quick:
-        # The ELBO objective on every activation, against the IWAE default.
-        for activation in activations:
-            data = make_data(activation, seeds[0])
-            row, _ = run({"objective": "elbo"}, activation, seeds[0], data)
-            results["elbo_activations"].append(row)
-            _report(f"{activation}, elbo", row)
-    relu = make_data("relu", seeds[0])
+    # The ELBO objective on every activation, against the IWAE default.
+    for activation in activations:
+        data = make_data(activation, seeds[0], sizes)
+        row, _ = run({"objective": "elbo"}, activation, seeds[0], data, sizes)
+        results["elbo_activations"].append(row)
+        _report(f"{activation}, elbo", row)
+    relu = make_data("relu", seeds[0], sizes)
     for name in variants:
         if not VARIANTS[name] and default_fit is not None:
             row = dict(default_fit[0])
         else:
-            row, _ = run(VARIANTS[name], "relu", seeds[0], relu)
+            row, _ = run(VARIANTS[name], "relu", seeds[0], relu, sizes)
         row["variant"] = name
         results["variants"].append(row)
         _report(name, row)
-    if not args.quick:
-        results["gradient_variance"] = gradient_variance(default_fit[1], relu[0])
-    write_results("vae_quick" if args.quick else "vae", results, markdown(results))
+    results["gradient_variance"] = gradient_variance(
+        default_fit[1], relu[0], sizes.n_replicates
+    )
+    write_results(
+        "vae",
+        results,
+        markdown(results, sizes),
+        output=args.output,
+        quick=args.quick,
+    )
 
 
 def _report(name, row):

@@ -3,7 +3,7 @@
 Evaluation never needs all rows at once: rows are independent given the
 nodes (or draws), so passes run in row chunks whose largest temporary has a
 bounded number of entries.  The sizes were measured to keep temporaries in
-cache on the CI-class machine (``benchmarks/bench_performance.py``); the
+cache on the CI-class machine (``benchmarks/bench_breakdown.py``); the
 results never depend on them beyond round-off.
 """
 
