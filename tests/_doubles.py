@@ -1,10 +1,11 @@
 """Test doubles: estimators whose training loss can be made to fail on cue.
 
 ``hooked(Estimator)`` is a subclass whose training objective wraps the real
-one: every minibatch loss passes through :meth:`Hooked.on_loss`, which counts
-steps, records torch's thread count, and turns the loss NaN (``fail_at`` or
-``fail``) or raises ``KeyboardInterrupt`` (``interrupt_at``) when asked; ``epochs_begun`` and ``kl_weights`` record the
-epoch schedule the objective was driven with.
+one: every minibatch loss passes through ``Hooked.before_loss`` (which counts
+steps, records torch's thread count and raises ``KeyboardInterrupt`` at step
+``interrupt_at``) and ``Hooked.after_loss`` (which turns the loss NaN from
+step ``fail_at`` on, or always with ``fail``); ``epochs_begun`` and
+``kl_weights`` record the epoch schedule the objective was driven with.
 """
 
 import math

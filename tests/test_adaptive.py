@@ -1,4 +1,9 @@
-"""Posterior-adapted importance sampling: oracles and accuracy targets."""
+"""Posterior-adapted importance sampling: oracles and accuracy targets.
+
+The estimator-level behaviour at small noise (``score_samples`` and
+``transform`` switching to this rule, adaptive and ``"auto"`` training) is
+tested in ``test_mle.py``.
+"""
 
 import numpy as np
 import pytest
@@ -215,96 +220,7 @@ def test_component_counts_sum_to_the_nodes():
         assert sum(counts) == n_nodes == normals.shape[0]
 
 
-# ------------------------------------------------------------ the estimator
-SMALL_NOISE = 0.01
-
-#: Posterior-mean accuracy at sigma^2 = 0.01 (see the test), latent units.
-TRANSFORM_MEAN_ERROR = 0.005
-
-
-@pytest.fixture(scope="module")
-def oracle_small_noise():
-    """A fitted estimator with the true relu decoder at sigma^2 = 0.01."""
-    from sknlica import NonlinearICAMLE
-
-    X, _, mixing = make_nonlinear_ica(
-        60, 2, 10, noise_variance=SMALL_NOISE, random_state=0, return_mixing=True
-    )
-    model = NonlinearICAMLE(max_iter=1, early_stopping=False, random_state=0).fit(X)
-    model.decoder_ = mixing.to_torch_module().requires_grad_(False)
-    model.noise_variance_ = SMALL_NOISE
-    x = torch.tensor(X)
-    nodes, log_weights = grid_rule(2, 600**2, half_width=8)
-    joint = pairwise_log_joint(
-        x, mixing(nodes), log_weights, torch.tensor(SMALL_NOISE, dtype=torch.float64)
-    )
-    reference = torch.logsumexp(joint, 1).numpy()
-    posterior_mean = (torch.softmax(joint, 1) @ nodes).numpy()
-    return model, X, mixing, reference, posterior_mean
-
-
-def test_score_samples_switches_to_adaptive_when_noise_is_small(oracle_small_noise):
-    from sknlica import marginal_log_likelihood
-
-    model, X, mixing, reference, _ = oracle_small_noise
-    error = np.abs(model.score_samples(X) - reference).mean()
-    assert error <= TARGET_MEAN_ERROR
-    # The prior rule alone with the same nodes is far off here: the switch
-    # is what makes score_samples accurate.
-    prior_only = marginal_log_likelihood(X, mixing, SMALL_NOISE, n_nodes=16384)
-    assert np.abs(prior_only - reference).mean() > 10 * TARGET_MEAN_ERROR
-
-
-def test_switching_is_per_row_and_subset_invariant(oracle_small_noise):
-    model, X, *_ = oracle_small_noise
-    full = model.score_samples(X)
-    for rows in (slice(0, 1), slice(5, 17), [3, 40, 7]):
-        np.testing.assert_allclose(model.score_samples(X[rows]), full[rows], rtol=1e-9)
-    np.testing.assert_allclose(model.score_samples(X), full, rtol=0, atol=0)
-
-
-def test_transform_is_the_posterior_mean_at_small_noise(oracle_small_noise):
-    model, X, _, _, posterior_mean = oracle_small_noise
-    # Mean over rows of the worst latent's error: 0.0004 measured, against
-    # 0.02 for the prior evaluation rule alone.
-    error = np.abs(model.transform(X) - posterior_mean).max(1).mean()
-    assert error <= TRANSFORM_MEAN_ERROR
-    draws = model.sample_posterior(X[:5], 400, n_steps=0, random_state=0)
-    np.testing.assert_allclose(draws.mean(1), posterior_mean[:5], atol=0.1)
-
-
-def test_adaptive_training_runs_and_is_deterministic():
-    from sknlica import NonlinearICAMLE
-
-    X, _ = make_nonlinear_ica(200, 2, 6, noise_variance=0.04, random_state=0)
-    kwargs = dict(
-        integration="adaptive", hidden_layer_sizes=(16,), max_iter=3, random_state=0
-    )
-    first = NonlinearICAMLE(**kwargs).fit(X)
-    second = NonlinearICAMLE(**kwargs).fit(X)
-    assert np.isfinite(first.score(X))
-    assert (
-        first.history_[-1]["train_log_likelihood"]
-        > first.history_[0]["train_log_likelihood"]
-    )
-    np.testing.assert_array_equal(first.score_samples(X), second.score_samples(X))
-
-
-def test_adaptive_training_in_float32_at_small_noise_stays_finite():
-    from sknlica import NonlinearICAMLE
-
-    X, _ = make_nonlinear_ica(150, 2, 6, noise_variance=1e-4, random_state=1)
-    model = NonlinearICAMLE(
-        integration="adaptive",
-        hidden_layer_sizes=(8,),
-        noise_variance=1e-3,
-        max_iter=2,
-        random_state=0,
-    ).fit(X.astype(np.float32))
-    assert np.all(np.isfinite(model.score_samples(X.astype(np.float32))))
-
-
-# ------------------------------------------- training: warm starts, "auto"
+# ------------------------------------------------------ decoder Jacobian
 def test_decoder_jacobian_matches_autograd():
     torch.manual_seed(0)
     decoder = torch.nn.Sequential(
@@ -318,19 +234,3 @@ def test_decoder_jacobian_matches_autograd():
     for row in range(7):
         expected = torch.autograd.functional.jacobian(decoder, z[row])
         np.testing.assert_allclose(jacobian[row].detach(), expected, atol=1e-12)
-
-
-def test_auto_switches_to_adaptive_training_only_when_noise_is_small():
-    from sknlica import NonlinearICAMLE
-    from sknlica._torch.mle_objectives import AUTO_SWITCH_FRACTION
-
-    kwargs = dict(hidden_layer_sizes=(16,), max_iter=2, random_state=0)
-    X, _ = make_nonlinear_ica(300, 2, 6, noise_variance=1e-3, random_state=0)
-    small = NonlinearICAMLE(noise_variance=1e-2, **kwargs).fit(X)
-    assert small.history_[0]["low_ess_fraction"] >= AUTO_SWITCH_FRACTION
-    assert [h["adaptive_training"] for h in small.history_] == [False, True]
-    assert np.isfinite(small.score(X))
-    X, _ = make_nonlinear_ica(300, 2, 6, noise_variance=1.0, random_state=0)
-    large = NonlinearICAMLE(**kwargs).fit(X)
-    assert [h["adaptive_training"] for h in large.history_] == [False, False]
-    assert all(h["low_ess_fraction"] < AUTO_SWITCH_FRACTION for h in large.history_)

@@ -1,25 +1,16 @@
-"""Parameter averaging (``ema_decay``): the recurrence, the swap, the kept model."""
+"""``sknlica._torch.averaging.ParameterAverage``: the recurrence and the swap.
+
+The estimators' use of it (``ema_decay``: the average of the best epoch is
+kept, ``0`` trains without one) is tested in ``test_estimator_contract.py``.
+"""
 
 from __future__ import annotations
-
-import warnings
 
 import numpy as np
 import pytest
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.utils._param_validation import InvalidParameterError
 
-import sknlica._torch.training
-from sknlica import NonlinearICAMLE, NonlinearICAVAE
 from sknlica._torch.averaging import ParameterAverage
-from sknlica.datasets import make_nonlinear_ica
-
-ESTIMATORS = [NonlinearICAMLE, NonlinearICAVAE]
-CHEAP = {
-    NonlinearICAMLE: {"n_nodes": 64, "n_eval_nodes": 256},
-    NonlinearICAVAE: {"n_eval_samples": 64},
-}
 
 
 def _module() -> torch.nn.Module:
@@ -75,86 +66,39 @@ def test_decay_out_of_range_is_refused(decay):
         ParameterAverage(_module(), decay)
 
 
-@pytest.fixture(scope="module")
-def data():
-    X, _ = make_nonlinear_ica(400, n_components=2, n_features=5, random_state=0)
-    return X
+def test_weights_follow_the_num_updates_rule():
+    # Oracle: TensorFlow's ExponentialMovingAverage(num_updates=t) weights,
+    # 1 - min(decay, (1 + t) / (10 + t)), written out by hand.
+    average = ParameterAverage(_module(), 0.998)
+    weights = []
+    for _ in range(4):
+        weights.append(average.weight())
+        average.update()
+    expected = [1 - 1 / 10, 1 - 2 / 11, 1 - 3 / 12, 1 - 4 / 13]
+    np.testing.assert_allclose(weights, expected, rtol=1e-15)
+    assert average.n_updates == 4
+    average.n_updates = 10**6  # long after the ramp: the decay itself
+    assert average.weight() == pytest.approx(1 - 0.998, rel=1e-12)
 
 
-class _RecordingAverage(ParameterAverage):
-    """Keeps a copy of the average each time it is applied (once per epoch)."""
-
-    instances: list = []
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.snapshots = []
-        self.instances.append(self)
-
-    def applied(self):
-        self.snapshots.append([a.clone() for a in self.average])
-        return super().applied()
+def test_zero_decay_makes_the_average_the_current_parameters():
+    module = _module()
+    average = ParameterAverage(module, 0.0)
+    with torch.no_grad():
+        module[0].weight.mul_(3.0).add_(1.0)
+    average.update()
+    current = module[0].weight.detach().clone()
+    with average.applied():
+        torch.testing.assert_close(module[0].weight, current, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_fit_keeps_the_average_of_the_best_epoch(estimator, data, monkeypatch):
-    _RecordingAverage.instances = []
-    monkeypatch.setattr(sknlica._torch.training, "ParameterAverage", _RecordingAverage)
-    model = estimator(
-        hidden_layer_sizes=(8,),
-        max_iter=6,
-        batch_size=50,
-        ema_decay=0.9,
-        random_state=0,
-        **CHEAP[estimator],
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        model.fit(data)
-    (average,) = _RecordingAverage.instances
-    assert len(average.snapshots) == model.n_iter_
-    # 360 training rows in batches of 50: 8 steps per epoch.
-    assert average.n_updates == 8 * model.n_iter_
-    kept = average.snapshots[model.best_epoch_ - 1]
-    position = {id(p): i for i, p in enumerate(average.parameters)}
-    # On the CPU the fitted decoder is the trained module itself, so its
-    # parameters are found in the average by identity.
-    fitted = list(model.decoder_.parameters())
-    assert fitted and all(id(p) in position for p in fitted)
-    for parameter in fitted:
-        assert torch.equal(parameter.detach(), kept[position[id(parameter)]])
-
-
-@pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_zero_decay_trains_without_averaging(estimator, data, monkeypatch):
-    _RecordingAverage.instances = []
-    monkeypatch.setattr(sknlica._torch.training, "ParameterAverage", _RecordingAverage)
-    settings = {
-        "hidden_layer_sizes": (8,),
-        "max_iter": 3,
-        "batch_size": 50,
-        "random_state": 0,
-        **CHEAP[estimator],
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        raw = estimator(ema_decay=0.0, **settings).fit(data)
-        assert _RecordingAverage.instances == []
-        averaged = estimator(**settings).fit(data)
-    # Same seed, same steps: only the kept parameters differ.
-    assert [h["train_objective"] for h in raw.history_] == [
-        h["train_objective"] for h in averaged.history_
-    ]
-    assert not all(
-        torch.equal(a, b)
-        for a, b in zip(
-            raw.decoder_.parameters(), averaged.decoder_.parameters(), strict=True
-        )
-    )
-
-
-@pytest.mark.parametrize("estimator", ESTIMATORS)
-@pytest.mark.parametrize("decay", [1.0, -0.5])
-def test_invalid_ema_decay_gets_a_clear_error(estimator, decay, data):
-    with pytest.raises(InvalidParameterError, match="ema_decay"):
-        estimator(ema_decay=decay).fit(data)
+def test_a_module_without_trainable_parameters_is_a_no_op():
+    module = _module().requires_grad_(False)
+    average = ParameterAverage(module, 0.9)
+    assert average.parameters == []
+    average.update()
+    assert average.n_updates == 1
+    raw = [p.detach().clone() for p in module.parameters()]
+    with average.applied():
+        for parameter, saved in zip(module.parameters(), raw, strict=True):
+            assert torch.equal(parameter, saved)

@@ -639,3 +639,42 @@ def test_sampler_qmc_draws_are_shifts_of_one_net():
         assert spread.max() < CP_SHIFT_ATOL
         # ... and the shift is not trivially zero.
         assert np.all(np.minimum(shift[0], 1 - shift[0]) > 1e-6)
+
+
+# --------------------------------------------------------------------------
+# ShiftedSobol
+# --------------------------------------------------------------------------
+
+
+def test_shifted_sobol_draws_fresh_shifts_of_one_net():
+    sobol = integration.ShiftedSobol(3, 256, torch.Generator().manual_seed(0))
+    assert sobol.uniforms.shape == (256, 3)
+    draws = [sobol.draw() for _ in range(3)]
+    for nodes in draws:
+        assert nodes.shape == (256, 3) and nodes.dtype == torch.float64
+        assert torch.isfinite(nodes).all()
+        # Each draw is (u + s) mod 1 of the instance's own net, for one shift
+        # s per draw and coordinate.
+        shift = np.mod(ndtr(nodes.numpy()) - sobol.uniforms.numpy(), 1.0)
+        spread = np.abs(((shift - shift[0] + 0.5) % 1.0) - 0.5)
+        assert spread.max() < CP_SHIFT_ATOL
+    for a, b in zip(draws[:-1], draws[1:]):
+        assert not torch.allclose(a, b)  # a fresh shift every draw
+
+
+def test_shifted_sobol_is_reproducible_for_a_seed():
+    def draws(seed):
+        sobol = integration.ShiftedSobol(2, 128, torch.Generator().manual_seed(seed))
+        return [sobol.draw() for _ in range(3)]
+
+    for a, b in zip(draws(5), draws(5), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not any(
+        torch.allclose(a, c) for a, c in zip(draws(5), draws(6), strict=True)
+    )
+
+
+def test_shifted_sobol_draws_keep_qmc_accuracy():
+    sobol = integration.ShiftedSobol(2, 4096, torch.Generator().manual_seed(3))
+    for _ in range(3):
+        assert _moment_error(sobol.draw()) < QMC_MOMENT_TOL

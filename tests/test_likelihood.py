@@ -5,7 +5,9 @@ Model (report section 3.1): ``z ~ N(0, I_m)``, ``x | z ~ N(g(z), sigma^2 I_n)``,
     log p(x) = log integral phi(x; g(z), sigma^2 I) phi(z; 0, I) dz
              ~= logsumexp_j [log w_j + log phi(x; g(z_j), sigma^2 I)].
 
-Oracles: a direct broadcast ``B x K x n`` evaluation, the closed form of the
+The pairwise ``B x K`` log-densities themselves are tested in
+``test_gaussian.py``, the chunk sizes in ``test_chunks.py``.  Oracles: a
+direct broadcast ``B x K x n`` evaluation, the closed form of the
 linear-Gaussian model (``x ~ N(b, A A^T + sigma^2 I)``), adaptive quadrature
 (``scipy.integrate.quad``) for a nonlinear decoder, the report's gradient
 formulas evaluated with explicit Jacobians, and ``torch.autograd.gradcheck``.
@@ -23,7 +25,7 @@ from hypothesis import strategies as st
 from scipy import integrate, stats
 from scipy.special import logsumexp
 
-from sknlica._torch import chunks, gaussian, integration, likelihood, networks
+from sknlica._torch import integration, likelihood, networks
 
 
 def posterior_mean_chunked(x, g, nodes, log_weights, s2, **kwargs):
@@ -43,13 +45,6 @@ PROPERTY = settings(
 
 F64 = torch.float64
 
-# Expanded vs broadcast squared distances in float64: the expansion loses
-# eps * (||x_c||^2 + ||g_c||^2) / sigma^2 <= 2.2e-16 * 1e3 / 1e-2 ~ 2e-11.
-DIRECT_F64_ATOL = 1e-10
-DIRECT_F64_RTOL = 1e-12
-# float32 with |features| ~ 1000, n = 1000: values ~ -2000 (float32 ulp 1.2e-4);
-# measured worst error 2.5e-4 thanks to centring (uncentred: ~400).
-LARGE_MEAN_F32_ATOL = 1e-2
 # Analytic vs autograd values share the forward formula: rounding-level only.
 VALUE_RTOL = 1e-13
 # Analytic vs autograd gradients (relative, in norm): measured worst 3.7e-13.
@@ -107,83 +102,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     diff = (a - b).norm().item()
     scale = b.norm().item()
     return diff / scale if scale > 0 else diff
-
-
-# --------------------------------------------------------------------------
-# The B x K log-likelihood matrix
-# --------------------------------------------------------------------------
-
-
-@PROPERTY
-@given(
-    batch=st.integers(1, 20),
-    n_nodes=st.integers(1, 20),
-    n_features=st.integers(1, 30),
-    log10_variance=st.floats(-2, 1),
-    offset=st.sampled_from([0.0, 5.0, -100.0]),
-    seed=st.integers(0, 2**31 - 1),
-)
-def test_pairwise_log_density_matches_direct(
-    batch, n_nodes, n_features, log10_variance, offset, seed
-):
-    gen = torch.Generator().manual_seed(seed)
-    x = offset + randn(gen, batch, n_features)
-    g = offset + randn(gen, n_nodes, n_features)
-    s2 = torch.tensor(10.0**log10_variance, dtype=F64)
-    got = gaussian.pairwise_log_density(x, g, s2)
-    assert got.shape == (batch, n_nodes)
-    torch.testing.assert_close(
-        got,
-        direct_log_likelihood(x, g, s2),
-        rtol=DIRECT_F64_RTOL,
-        atol=DIRECT_F64_ATOL,
-    )
-
-
-def test_pairwise_log_density_matches_multivariate_normal():
-    gen = torch.Generator().manual_seed(0)
-    x, g = randn(gen, 6, 4), randn(gen, 5, 4)
-    s2 = torch.tensor(0.3, dtype=F64)
-    mvn = torch.distributions.MultivariateNormal(
-        g, covariance_matrix=s2 * torch.eye(4, dtype=F64)
-    )
-    expected = mvn.log_prob(x[:, None, :])  # broadcast (6, 1, 4) over (5,) -> (6, 5)
-    torch.testing.assert_close(
-        gaussian.pairwise_log_density(x, g, s2), expected, rtol=0, atol=1e-12
-    )
-    sq = gaussian.squared_distances(x, g)
-    assert (sq >= 0).all()
-    torch.testing.assert_close(sq, torch.cdist(x, g) ** 2, rtol=1e-12, atol=1e-12)
-
-
-def test_pairwise_log_density_float32_large_mean():
-    gen = torch.Generator().manual_seed(1)
-    batch, n_nodes, n_features = 64, 128, 1000
-    x32 = (1000 + randn(gen, batch, n_features)).float()
-    g32 = (1000 + randn(gen, n_nodes, n_features)).float()
-    s2 = torch.tensor(1.0)
-    # Reference: float64 direct evaluation of the same float32-rounded inputs.
-    ref = direct_log_likelihood(x32.double(), g32.double(), s2.double())
-    got = gaussian.pairwise_log_density(x32, g32, s2)
-    assert got.dtype == torch.float32
-    assert (got.double() - ref).abs().max().item() < LARGE_MEAN_F32_ATOL
-    # The regime is discriminating: the uncentred expansion is off by ~400.
-    naive_sq = (x32 * x32).sum(1, keepdim=True) - 2 * x32 @ g32.T + (g32 * g32).sum(1)
-    naive = -0.5 * (n_features * math.log(2 * math.pi) + naive_sq)
-    assert (naive.double() - ref).abs().max().item() > 100 * LARGE_MEAN_F32_ATOL
-
-
-def test_pairwise_log_joint_adds_log_weights():
-    gen = torch.Generator().manual_seed(2)
-    x, g = randn(gen, 3, 2), randn(gen, 4, 2)
-    log_weights = torch.log_softmax(randn(gen, 4), 0)
-    s2 = torch.tensor(0.5, dtype=F64)
-    torch.testing.assert_close(
-        gaussian.pairwise_log_joint(x, g, log_weights, s2),
-        direct_log_likelihood(x, g, s2) + log_weights,
-        rtol=0,
-        atol=1e-12,
-    )
 
 
 # --------------------------------------------------------------------------
@@ -619,23 +537,6 @@ def test_tanh_decoder_gauss_hermite_matches_adaptive_quadrature(seed):
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("n_nodes", "max_elements", "rows"),
-    [(10, 100, 10), (10, 105, 10), (10, 5, 1), (1, 7, 7), (1000, 2**22, 4194)],
-)
-def test_chunk_rows(n_nodes, max_elements, rows):
-    assert chunks.chunk_rows(n_nodes, max_elements) == rows
-
-
-@PROPERTY
-@given(n_nodes=st.integers(1, 10_000), max_elements=st.integers(1, 10**7))
-def test_chunk_rows_bounds_the_temporary(n_nodes, max_elements):
-    rows = chunks.chunk_rows(n_nodes, max_elements)
-    assert rows >= 1
-    if n_nodes <= max_elements:
-        assert rows * n_nodes <= max_elements < (rows + 1) * n_nodes
-
-
 @PROPERTY
 @given(
     batch=st.integers(1, 40),
@@ -694,3 +595,31 @@ def test_chunked_functions_do_not_build_a_graph():
     assert not likelihood.log_marginal_chunked(x, g, log_weights, s2).requires_grad
     nodes = randn(gen, 5, 2)
     assert not posterior_mean_chunked(x, g, nodes, log_weights, s2).requires_grad
+
+
+@pytest.mark.parametrize("max_elements", [10**9, 7])
+def test_prior_rule_pass_returns_only_what_was_asked_for(max_elements):
+    gen = torch.Generator().manual_seed(11)
+    x, g, nodes = randn(gen, 9, 4), randn(gen, 6, 4), randn(gen, 6, 2)
+    log_weights = torch.log_softmax(randn(gen, 6), 0)
+    s2 = torch.tensor(0.8, dtype=F64)
+    chunking = {"max_elements": max_elements}
+    bare = likelihood.prior_rule_pass(x, g, log_weights, s2, **chunking)
+    assert bare.posterior_mean is None and bare.ess is None
+    full = likelihood.prior_rule_pass(
+        x, g, log_weights, s2, nodes=nodes, with_ess=True, **chunking
+    )
+    torch.testing.assert_close(full.log_marginal, bare.log_marginal, rtol=0, atol=0)
+    # Oracle: the posterior weights from the direct broadcast, and the ESS
+    # 1 / sum_j W_ij^2 by its definition.
+    weights = torch.softmax(direct_log_likelihood(x, g, s2) + log_weights, 1)
+    torch.testing.assert_close(
+        full.log_marginal,
+        direct_log_marginal(x, g, log_weights, s2),
+        rtol=CHUNK_RTOL,
+        atol=0,
+    )
+    torch.testing.assert_close(full.posterior_mean, weights @ nodes, atol=1e-13, rtol=0)
+    torch.testing.assert_close(
+        full.ess, 1.0 / weights.square().sum(1), rtol=1e-10, atol=0
+    )

@@ -1,0 +1,281 @@
+"""``sknlica._torch.evaluation``: per-row ``log p(x)``, ``E[z | x]`` and draws.
+
+The model is linear-Gaussian, ``g(z) = A z + b``, so ``p(x) = N(b, A A^T +
+sigma^2 I)`` is an exact oracle; the posterior weights over the prior rule
+(and their effective sample size) are recomputed here by a direct broadcast.
+At ``sigma^2 = 0.3`` most rows have ESS ~ 32 over the 1,024-node grid and the
+outlying rows (scaled by 3) ~ 4: a mix of rows the prior rule serves well and
+rows it does not.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import multivariate_normal
+
+from sknlica._torch.evaluation import (
+    ESS_THRESHOLD,
+    DecodedRule,
+    decode_nodes,
+    decoded_evaluation_rule,
+    evaluate,
+    resample_posterior,
+)
+from sknlica._torch.integration import evaluation_generator, prior_rule
+
+F64 = torch.float64
+NOISE = 0.3
+N_NODES = 1024
+#: Refined (adaptive) rows against the closed form: the issue's target of
+#: 0.01 nats; measured 0.003 here (the prior rule alone errs by ~6 nats on
+#: the same rows).
+REFINED_ATOL = 0.01
+#: Rows the prior rule serves (ESS >= 30) against the closed form: measured
+#: 1.3e-3 nats on average.
+PRIOR_MEAN_ATOL = 0.01
+#: Evaluation centres on the rows' mean: subsets agree to round-off.
+SUBSET_RTOL = 1e-10
+
+
+@pytest.fixture(scope="module")
+def problem():
+    rng = np.random.default_rng(0)
+    A, b = rng.normal(size=(6, 2)), rng.normal(size=6)
+    decoder = torch.nn.Linear(2, 6, dtype=F64)
+    with torch.no_grad():
+        decoder.weight.copy_(torch.tensor(A))
+        decoder.bias.copy_(torch.tensor(b))
+    decoder.requires_grad_(False)
+    Z = rng.normal(size=(40, 2))
+    X = Z @ A.T + b + math.sqrt(NOISE) * rng.normal(size=(40, 6))
+    X[:5] *= 3  # outliers: posteriors in the prior's tails
+    exact = multivariate_normal(b, A @ A.T + NOISE * np.eye(6)).logpdf(X)
+    rule = decoded_evaluation_rule(decoder, 2, N_NODES, dtype=F64)
+    noise = torch.tensor(NOISE, dtype=F64)
+    return torch.tensor(X), decoder, noise, rule, exact, (A, b)
+
+
+@pytest.fixture(scope="module")
+def prior(problem):
+    """``evaluate`` of every row without refinement (the prior rule's values)."""
+    x, decoder, noise, rule, _, _ = problem
+    return evaluate(x, rule, decoder, noise, refine=False)
+
+
+@pytest.fixture(scope="module")
+def refined(problem):
+    """``evaluate`` of every row, low-ESS rows refined (the default)."""
+    x, decoder, noise, rule, _, _ = problem
+    return evaluate(x, rule, decoder, noise)
+
+
+def _oracle_weights(x, rule, noise):
+    """Posterior weights over the rule's nodes by a direct broadcast."""
+    nodes, log_weights, g = rule
+    sq = ((x[:, None, :] - g[None]) ** 2).sum(-1)
+    log_lik = -0.5 * (x.shape[1] * torch.log(2 * math.pi * noise) + sq / noise)
+    joint = log_lik + log_weights
+    return torch.logsumexp(joint, 1), torch.softmax(joint, 1)
+
+
+def _is_a_node(z, nodes):
+    """Whether each draw of ``z`` (..., m) equals one of ``nodes`` exactly."""
+    return (z.reshape(-1, 1, z.shape[-1]) == nodes).all(-1).any(-1)
+
+
+# ------------------------------------------------------------------ evaluate
+def test_the_problem_has_rows_on_both_sides_of_the_threshold(problem):
+    x, _, noise, rule, _, _ = problem
+    _, weights = _oracle_weights(x, rule, noise)
+    ess = 1.0 / weights.square().sum(1)
+    assert 1 <= int((ess < ESS_THRESHOLD).sum()) < len(x) // 2
+
+
+@pytest.mark.parametrize("threshold", [ESS_THRESHOLD, 10.0, 32.5, 0.0, math.inf])
+def test_evaluate_flags_exactly_the_rows_below_the_threshold(problem, threshold):
+    x, decoder, noise, rule, _, _ = problem
+    _, weights = _oracle_weights(x, rule, noise)
+    ess = 1.0 / weights.square().sum(1)
+    # No row sits within round-off of the threshold (the flags are unambiguous).
+    assert torch.all((ess - threshold).abs() > 1e-6 * ess)
+    result = evaluate(x, rule, decoder, noise, ess_threshold=threshold, refine=False)
+    torch.testing.assert_close(result.ess, ess, rtol=1e-10, atol=0)
+    assert torch.equal(result.low_ess, ess < threshold)
+    n_low = int(result.low_ess.sum())
+    # The adaptive rule's starts, for the flagged rows only.
+    assert result.start.point.shape == result.start.mean.shape == (n_low, 2)
+    assert result.start.covariance.shape == (n_low, 2, 2)
+
+
+def test_refine_false_leaves_the_prior_rule_values(problem, prior):
+    x, _, noise, rule, _, _ = problem
+    result = prior
+    assert result.low_ess.any()
+    log_marginal, weights = _oracle_weights(x, rule, noise)
+    torch.testing.assert_close(result.log_marginal, log_marginal, rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        result.posterior_mean, weights @ rule.nodes, rtol=0, atol=1e-12
+    )
+
+
+def test_refining_changes_only_the_flagged_rows_and_makes_them_accurate(
+    problem, prior, refined
+):
+    exact = problem[4]
+    low = refined.low_ess
+    assert torch.equal(low, prior.low_ess)
+    # Rows the prior rule serves keep its values exactly ...
+    assert torch.equal(refined.log_marginal[~low], prior.log_marginal[~low])
+    assert torch.equal(refined.posterior_mean[~low], prior.posterior_mean[~low])
+    error = np.abs(prior.log_marginal.numpy() - exact)
+    assert error[~low.numpy()].mean() < PRIOR_MEAN_ATOL
+    # ... the flagged ones, where the prior rule is far off, are refined.
+    assert error[low.numpy()].min() > 10 * REFINED_ATOL
+    refined_error = np.abs(refined.log_marginal.numpy() - exact)
+    assert refined_error[low.numpy()].max() < REFINED_ATOL
+
+
+def test_refined_posterior_means_match_the_closed_form(problem, refined):
+    x, _, _, _, _, (A, b) = problem
+    covariance = A @ A.T + NOISE * np.eye(6)
+    expected = (x.numpy() - b) @ np.linalg.solve(covariance, A)
+    low = refined.low_ess.numpy()
+    # Posterior std is ~0.2 per latent here; refined means within 1% of it.
+    np.testing.assert_allclose(
+        refined.posterior_mean.numpy()[low], expected[low], rtol=0, atol=2e-3
+    )
+
+
+def test_without_a_mean_only_the_likelihood_is_returned(problem, refined):
+    x, decoder, noise, rule, _, _ = problem
+    with_mean = refined
+    without = evaluate(x, rule, decoder, noise, with_mean=False)
+    assert without.posterior_mean is None
+    torch.testing.assert_close(
+        without.log_marginal, with_mean.log_marginal, rtol=1e-12, atol=0
+    )
+
+
+@pytest.mark.parametrize(
+    "subset", [[0], [7], [3, 20, 1], list(range(10, 40)), list(range(39, -1, -1))]
+)
+def test_a_rows_result_does_not_depend_on_the_other_rows(problem, refined, subset):
+    x, decoder, noise, rule, _, _ = problem
+    full = refined
+    part = evaluate(x[subset], rule, decoder, noise)
+    assert torch.equal(part.low_ess, full.low_ess[subset])
+    for name in ("log_marginal", "posterior_mean", "ess"):
+        torch.testing.assert_close(
+            getattr(part, name),
+            getattr(full, name)[subset],
+            rtol=SUBSET_RTOL,
+            atol=1e-12,
+            msg=name,
+        )
+
+
+def test_evaluation_is_deterministic(problem, refined):
+    x, decoder, noise, rule, _, _ = problem
+    a, b = refined, evaluate(x, rule, decoder, noise)
+    assert torch.equal(a.log_marginal, b.log_marginal)
+    assert torch.equal(a.posterior_mean, b.posterior_mean)
+
+
+# -------------------------------------------------------- resample_posterior
+def test_resample_posterior_shapes_and_reproducibility(problem):
+    x, decoder, noise, rule, _, _ = problem
+
+    def draw(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return resample_posterior(x, rule, decoder, noise, 25, generator=generator)
+
+    z, spread = draw(0)
+    assert z.shape == (40, 25, 2) and spread.shape == (40,)
+    assert torch.all(torch.isfinite(z)) and torch.all(spread > 0)
+    again, _ = draw(0)
+    assert torch.equal(z, again)
+    assert not torch.equal(z, draw(1)[0])
+
+
+def test_resampled_rows_served_by_the_prior_rule_are_its_nodes(problem, prior):
+    x, decoder, noise, rule, _, _ = problem
+    generator = torch.Generator().manual_seed(0)
+    z, spread = resample_posterior(x, rule, decoder, noise, 25, generator=generator)
+    low = prior.low_ess
+    nodes = rule.nodes
+    # Served rows: every draw is (exactly) a node of the rule ...
+    assert torch.all(_is_a_node(z[~low], nodes))
+    # ... and the spread is the posterior variance over the nodes, averaged
+    # over the latent axes.
+    _, weights = _oracle_weights(x, rule, noise)
+    variance = weights @ nodes.square() - (weights @ nodes).square()
+    torch.testing.assert_close(
+        spread[~low], variance.mean(1)[~low], rtol=1e-10, atol=1e-14
+    )
+    # Flagged rows draw from the adaptive rule's nodes instead.
+    assert not torch.any(_is_a_node(z[low], nodes))
+
+
+def test_resampled_flagged_rows_center_on_their_posterior(problem, prior):
+    x, decoder, noise, rule, _, (A, b) = problem
+    generator = torch.Generator().manual_seed(0)
+    z, _ = resample_posterior(x, rule, decoder, noise, 400, generator=generator)
+    low = prior.low_ess.numpy()
+    covariance = A @ A.T + NOISE * np.eye(6)
+    mean = (x.numpy() - b) @ np.linalg.solve(covariance, A)
+    posterior_cov = np.linalg.inv(np.eye(2) + A.T @ A / NOISE)
+    # 400 resampled draws (with repeats): within 5 standard errors of the
+    # exact posterior mean, counting each draw once.
+    se = np.sqrt(np.diag(posterior_cov) / 400)
+    assert np.all(np.abs(z.numpy()[low].mean(1) - mean[low]) < 5 * se)
+
+
+# --------------------------------------------------------------- decode_nodes
+def test_decode_nodes_accepts_numpy_returning_callables():
+    A = np.random.default_rng(0).normal(size=(2, 3))
+    nodes = torch.randn(10, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    calls = []
+
+    def decoder(z):
+        calls.append(len(z))
+        return np.tanh(np.asarray(z) @ A)  # a numpy array, not a tensor
+
+    got = decode_nodes(decoder, nodes, chunk=4)
+    assert isinstance(got, torch.Tensor) and got.dtype == F64
+    np.testing.assert_allclose(got.numpy(), np.tanh(nodes.numpy() @ A), rtol=1e-15)
+    assert calls == [4, 4, 2]  # in chunks
+    as_list = decode_nodes(lambda z: np.tanh(np.asarray(z) @ A).tolist(), nodes)
+    torch.testing.assert_close(as_list, got, rtol=0, atol=0)
+
+
+def test_decode_nodes_runs_a_module_in_its_own_dtype():
+    module = torch.nn.Linear(2, 3)  # float32 parameters
+    seen = []
+    module.register_forward_pre_hook(lambda _, args: seen.append(args[0].dtype))
+    nodes = torch.randn(5, 2, dtype=F64)
+    out = decode_nodes(module, nodes)
+    assert seen == [torch.float32]
+    assert out.dtype == F64  # returned in the nodes' dtype
+    with torch.no_grad():
+        expected = module(nodes.float()).double()
+    torch.testing.assert_close(out.detach(), expected, rtol=0, atol=0)
+
+
+def test_decoded_evaluation_rule_is_the_fixed_auto_rule():
+    decoder = torch.nn.Linear(2, 3, dtype=F64)
+    rule = decoded_evaluation_rule(decoder, 2, 256, dtype=F64)
+    assert isinstance(rule, DecodedRule)
+    nodes, log_weights = prior_rule("auto", 2, 256, generator=evaluation_generator())
+    assert torch.equal(rule.nodes, nodes) and torch.equal(rule.log_weights, log_weights)
+    with torch.no_grad():
+        torch.testing.assert_close(rule.g, decoder(nodes), rtol=0, atol=0)
+    assert not rule.g.requires_grad
+    # Random (qmc) rules too are fixed: the same nodes every call.
+    wide = torch.nn.Linear(5, 3, dtype=F64)
+    qmc = decoded_evaluation_rule(wide, 5, 256, dtype=F64)
+    again = decoded_evaluation_rule(wide, 5, 256, dtype=F64)
+    assert torch.equal(qmc.nodes, again.nodes)
