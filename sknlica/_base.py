@@ -804,7 +804,7 @@ class BaseNonlinearICA(
     def _decode(self, Z: np.ndarray) -> np.ndarray:
         param = next(self.decoder_.parameters())
         with torch.no_grad():
-            z = torch.tensor(Z, dtype=param.dtype)
+            z = torch.tensor(np.ascontiguousarray(Z), dtype=param.dtype)
             return self.decoder_(z).double().numpy()
 
     @uses_torch_threads

@@ -719,12 +719,6 @@ def test_fit_accepts_views_with_negative_strides(Estimator, data):
     np.testing.assert_array_equal(a.transform(data), b.transform(data))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="library bug: inverse_transform passes a negative-stride array to "
-    "torch.tensor (BaseNonlinearICA._decode), which refuses it",
-)
 @pytest.mark.parametrize("Estimator", ESTIMATORS)
 def test_inverse_transform_accepts_views_with_negative_strides(Estimator, fitted):
     model = fitted(Estimator)

@@ -247,17 +247,23 @@ def test_soft_clamp_has_a_positive_gradient_where_clamp_has_none(value):
         assert float(w.grad) == 0.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library: soft_clamp's gradient is exactly 0 beyond high + 20 "
-    "(F.softplus's threshold), although its docstring promises a non-zero "
-    "gradient everywhere",
-)
-@pytest.mark.parametrize("value", [HIGH + 25.0, HIGH + 100.0])
-def test_soft_clamp_gradient_far_above_the_upper_bound(value):
+@pytest.mark.parametrize("distance", [25.0, 100.0, 500.0])
+@pytest.mark.parametrize("side", [-1.0, 1.0])
+def test_soft_clamp_gradient_far_outside_the_bounds(distance, side):
+    # Once zero beyond high + 20 (softplus's linear regime cancelled it);
+    # the gradient is exp(-distance), positive until that underflows.
+    value = HIGH + distance if side > 0 else LOW - distance
     v = torch.tensor(value, dtype=F64, requires_grad=True)
     soft_clamp(v, LOW, HIGH).backward()
-    assert float(v.grad) > 0.0
+    assert float(v.grad) == pytest.approx(math.exp(-distance), rel=1e-6)
+
+
+def test_soft_clamp_is_continuous_where_softplus_turns_linear():
+    # softplus(u) switches to u at u = 20; the value used to jump by 2e-9.
+    for edge in (LOW + 20.0, HIGH + 20.0, LOW - 20.0, HIGH - 20.0):
+        v = torch.tensor([edge - 1e-9, edge, edge + 1e-9], dtype=F64)
+        steps = torch.diff(soft_clamp(v, LOW, HIGH))
+        assert float(steps.abs().max()) <= 2e-9
 
 
 def test_soft_clamp_is_monotone_and_saturates_at_the_bounds():

@@ -509,13 +509,22 @@ def test_gradient_clipping_leaves_small_and_missing_gradients_alone():
     p.grad = torch.tensor([math.nan, 1.0, 0.0], dtype=F64)
     clip_gradient_norm(torch.optim.SGD([p], lr=1.0), 1.0)
     assert math.isnan(float(p.grad[0])) and p.grad[1:].tolist() == [1.0, 0.0]
-    # ... an infinite one scales by max_norm / inf = 0, as torch does.
+    # ... and so does an infinite one, where torch would scale by 1 / inf
+    # and silently zero every finite entry.
     p.grad = torch.tensor([math.inf, 1.0, 0.0], dtype=F64)
-    q = nn.Parameter(torch.zeros(3, dtype=F64))
-    q.grad = p.grad.clone()
     clip_gradient_norm(torch.optim.SGD([p], lr=1.0), 1.0)
-    torch.nn.utils.clip_grad_norm_([q], 1.0)
-    torch.testing.assert_close(p.grad, q.grad, equal_nan=True)
+    assert p.grad.tolist() == [math.inf, 1.0, 0.0]
+
+
+def test_gradient_clipping_survives_a_float32_norm_overflow():
+    # Every entry finite, the float32 norm infinite (1e20^2 overflows): the
+    # norm is recomputed in float64 and the gradients rescaled to the cap.
+    p = nn.Parameter(torch.zeros(4, dtype=torch.float32))
+    p.grad = torch.tensor([1e20, -1e20, 3e19, 0.0], dtype=torch.float32)
+    expected = p.grad.double() / torch.linalg.vector_norm(p.grad.double())
+    clip_gradient_norm(torch.optim.SGD([p], lr=1.0), 1.0)
+    assert torch.all(torch.isfinite(p.grad))
+    torch.testing.assert_close(p.grad.double(), expected, rtol=1e-5, atol=0)
 
 
 # ------------------------------------------------------------------ helpers

@@ -144,7 +144,7 @@ def prior_rule_pass(
     # Preallocated outputs filled chunk by chunk: lists of small per-chunk
     # results interleaved with the large temporaries pinned glibc's heap, and
     # a validation pass over 100k rows grew the process by 1.9 GB
-    # (benchmarks/bench_scaling.py, tests/test_scale.py).
+    # (benchmarks/bench_scaling.py, tests/test_estimator_contract.py).
     log_marginal = x.new_empty(n_rows)
     mean = None if nodes is None else x.new_empty((n_rows, nodes.shape[1]))
     ess = x.new_empty(n_rows) if with_ess else None

@@ -147,7 +147,13 @@ def soft_clamp(value: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """Smoothly squash ``value`` into ``(low, high)``; identity well inside.
 
     ``low + softplus(v - low) - softplus(v - high)`` differs from ``v`` by
-    less than ``exp(-distance to the nearer bound)`` and keeps a non-zero
-    gradient everywhere, unlike ``clamp``.
+    less than ``exp(-distance to the nearer bound)`` and, unlike ``clamp``,
+    keeps a positive gradient, ``exp(-distance past the bound)``, until that
+    underflows.  Above the midpoint it is computed as the equal ``high +
+    softplus(low - v) - softplus(high - v)``: there the first form subtracts
+    two nearly equal numbers, and ``softplus``'s linear regime (beyond 20)
+    made its gradient exactly 0 and its value jump by 2e-9.
     """
-    return low + F.softplus(value - low) - F.softplus(value - high)
+    below = low + F.softplus(value - low) - F.softplus(value - high)
+    above = high + F.softplus(low - value) - F.softplus(high - value)
+    return torch.where(value <= 0.5 * (low + high), below, above)

@@ -162,9 +162,12 @@ def clip_gradient_norm(optimizer: torch.optim.Optimizer, max_norm: float) -> Non
 
     ``torch.nn.utils.clip_grad_norm_`` computes the norm tensor by tensor on
     the CPU and always rescales (by 1 when the cap does not bind): 60 us per
-    step against 22 us here, 3% of a default IWAE step.  Same result; a
-    non-finite norm leaves the gradients alone, and the step then fails the
-    finiteness check as before.
+    step against 22 us here, 3% of a default IWAE step.  The same result
+    whenever the norm is finite.  Unlike it, a non-finite gradient (NaN or
+    infinite entries) is left alone, so that the step fails the finiteness
+    check and training stops with an error instead of silently zeroing the
+    gradients; a norm that overflows only in float32, all entries finite, is
+    recomputed in float64 and the gradients rescaled.
     """
     grads = [
         p.grad
@@ -175,7 +178,10 @@ def clip_gradient_norm(optimizer: torch.optim.Optimizer, max_norm: float) -> Non
     if not grads:
         return
     total = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
-    if total > max_norm:
+    if math.isinf(total):
+        norms = [torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]
+        total = float(torch.linalg.vector_norm(torch.stack(norms)))
+    if math.isfinite(total) and total > max_norm:
         torch._foreach_mul_(grads, max_norm / (total + 1e-6))
 
 
