@@ -164,12 +164,14 @@ class NonlinearICAMLE(BaseNonlinearICA):
         check_grid_budget(self.integration, self.n_components, self.n_nodes)
 
     # ------------------------------------------------------------- training
-    def _build_model(self, n_features, *, scale, dtype, device, generator):
+    def _build_model(
+        self, n_features, *, noise_variance, scale, dtype, device, generator
+    ):
         build = {"dtype": dtype, "device": device}
         decoder = self._build_decoder(n_features, generator=generator, **build)
-        return MLEModel(decoder, self._build_noise(scale, **build))
+        return MLEModel(decoder, self._build_noise(noise_variance, scale, **build))
 
-    def _make_objective(self, model, *, n_features, generator, dtype, device):
+    def _make_objective(self, model, *, n_features, centre, generator, dtype, device):
         return make_mle_objective(
             self.integration,
             n_components=self.n_components,
@@ -180,6 +182,7 @@ class NonlinearICAMLE(BaseNonlinearICA):
             generator=generator,
             dtype=dtype,
             device=device,
+            centre=centre,
         )
 
     def _parameter_blocks(self, model):
@@ -195,21 +198,24 @@ class NonlinearICAMLE(BaseNonlinearICA):
 
     # ------------------------------------------------------------ inference
     def _evaluation_parts(self, x):
-        """The decoder in the rows' dtype, sigma^2 and the decoded rule."""
+        """The decoder in the rows' dtype, sigma^2, the decoded rule and the
+        centre of the distance expansion (the training mean: fitted state)."""
         decoder = self._inference_model(x.dtype).decoder
         noise = torch.tensor(self.noise_variance_, dtype=x.dtype)
         rule = decoded_evaluation_rule(
             decoder, self._fitted_n_components, self.n_eval_nodes, dtype=x.dtype
         )
-        return decoder, noise, rule
+        centre = self._standardisation_.mean.to(x.dtype)
+        return decoder, noise, rule, centre
 
     def _log_likelihood(self, x):
-        decoder, noise, rule = self._evaluation_parts(x)
-        return evaluate(x, rule, decoder, noise, with_mean=False).log_marginal
+        decoder, noise, rule, centre = self._evaluation_parts(x)
+        evaluation = evaluate(x, rule, decoder, noise, with_mean=False, centre=centre)
+        return evaluation.log_marginal
 
     def _latent_mean(self, x):
-        decoder, noise, rule = self._evaluation_parts(x)
-        return evaluate(x, rule, decoder, noise).posterior_mean
+        decoder, noise, rule, centre = self._evaluation_parts(x)
+        return evaluate(x, rule, decoder, noise, centre=centre).posterior_mean
 
     @uses_torch_threads
     def sample_posterior(self, X, n_samples=100, *, n_steps=50, random_state=None):
@@ -238,12 +244,12 @@ class NonlinearICAMLE(BaseNonlinearICA):
             Posterior draws, with the dtype of ``X``.
         """
         x = self._to_tensor(self._check_fitted_input(X))
-        decoder, noise, rule = self._evaluation_parts(x)
+        decoder, noise, rule, centre = self._evaluation_parts(x)
         check_count("n_samples", n_samples, 1)
         check_count("n_steps", n_steps, 0)
         generator = self._seed(check_random_state(random_state))
         z, spread = resample_posterior(
-            x, rule, decoder, noise, n_samples, generator=generator
+            x, rule, decoder, noise, n_samples, generator=generator, centre=centre
         )
         if n_steps:
             z = mala(

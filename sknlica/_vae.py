@@ -252,7 +252,9 @@ class NonlinearICAVAE(BaseNonlinearICA):
             )
 
     # ------------------------------------------------------------- training
-    def _build_model(self, n_features, *, scale, dtype, device, generator):
+    def _build_model(
+        self, n_features, *, noise_variance, scale, dtype, device, generator
+    ):
         build = {"dtype": dtype, "device": device}
         encoder_sizes = self.encoder_hidden_layer_sizes
         if encoder_sizes is None:
@@ -267,11 +269,12 @@ class NonlinearICAVAE(BaseNonlinearICA):
         )
         decoder = self._build_decoder(n_features, generator=generator, **build)
         if not self.amortized_variance:
-            return VAEModel(encoder, decoder, self._build_noise(scale, **build))
+            noise = self._build_noise(noise_variance, scale, **build)
+            return VAEModel(encoder, decoder, noise)
         sizes = tuple(self.hidden_layer_sizes)
         noise = AmortizedVariance(
             sizes[-1] if sizes else self.n_components,
-            float(self.noise_variance),
+            noise_variance,
             floor=NOISE_VARIANCE_FLOOR * scale,
             scale=scale,
             generator=generator,
@@ -279,7 +282,7 @@ class NonlinearICAVAE(BaseNonlinearICA):
         )
         return VAEModel(encoder, decoder, noise)
 
-    def _make_objective(self, model, *, n_features, generator, dtype, device):
+    def _make_objective(self, model, *, n_features, centre, generator, dtype, device):
         return VAEObjective(
             bound=self.objective,
             gradient_estimator=self.gradient_estimator,

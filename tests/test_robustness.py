@@ -13,9 +13,16 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.exceptions import ConvergenceWarning
 
-from sknlica import NonlinearICAMLE, NonlinearICAVAE, marginal_log_likelihood
+from sknlica import (
+    NonlinearICAMLE,
+    NonlinearICAVAE,
+    TrainingDivergedError,
+    marginal_log_likelihood,
+)
 from sknlica.datasets import make_nonlinear_ica
 
 SMALL = {
@@ -175,3 +182,128 @@ def test_one_sigint_stops_the_whole_fit_and_keeps_the_best_model(Estimator):
     assert "interrupted after" in err and "restart 1 of 3" in err
     n_iter, best_epoch = map(int, out.split()[1:])
     assert 1 <= best_epoch <= n_iter
+
+
+# ----------------------------------------------- units: exact equivariance
+#: Fits of ``a X + b`` and of ``X`` agree to this, relative (nats per row,
+#: noise variances): the difference is rounding amplified by three epochs
+#: of training (measured: 1e-13 in float64).
+EQUIVARIANCE_RTOL = 1e-9
+EQUIVARIANCE_RTOL_FLOAT32 = 1e-3
+
+
+def _affine_fits(Estimator, a, b, dtype=np.float64):
+    """Fits of ``a X + b`` and of the same information in X's units."""
+    X, _ = make_nonlinear_ica(120, 2, 4, random_state=1)
+    moved = (a * X + b).astype(dtype)
+    # a X + b is rounded (with a = 1e-8 and b = 1e4 it keeps ~4 digits of
+    # X): the reference is fitted to what it carries, mapped back.
+    back = ((moved.astype(np.float64) - b) / a).astype(dtype)
+    params = {**SMALL[Estimator], "max_iter": 3, "random_state": 0}
+    model = Estimator(**params).fit(moved[:100])
+    reference = Estimator(**params).fit(back[:100])
+    return model, reference, moved[100:], back[100:]
+
+
+def _check_equivariance(Estimator, a, b, dtype, rtol):
+    model, reference, moved, back = _affine_fits(Estimator, a, b, dtype)
+    n_features = moved.shape[1]
+    # Scores differ by the Jacobian of the map, -n log a per row.
+    got = model.score_samples(moved).astype(np.float64) + n_features * np.log(a)
+    np.testing.assert_allclose(got, reference.score_samples(back), rtol=rtol)
+    assert model.noise_variance_ == pytest.approx(
+        a**2 * reference.noise_variance_, rel=rtol
+    )
+    # Latents are unit-free; decoded means follow the map.
+    Z = reference.transform(back)
+    np.testing.assert_allclose(model.transform(moved), Z, rtol=1e3 * rtol, atol=1e-6)
+    decoded = model.inverse_transform(Z).astype(np.float64)
+    expected = a * reference.inverse_transform(Z).astype(np.float64) + b
+    np.testing.assert_allclose(decoded, expected, rtol=rtol, atol=rtol * (abs(b) + a))
+
+
+@settings(max_examples=6)
+@given(log10_a=st.floats(-8, 8), b=st.floats(-1e4, 1e4))
+@pytest.mark.parametrize("Estimator", ESTIMATORS)
+def test_fits_are_equivariant_under_affine_maps_of_the_data(Estimator, log10_a, b):
+    _check_equivariance(Estimator, 10.0**log10_a, b, np.float64, EQUIVARIANCE_RTOL)
+
+
+@pytest.mark.parametrize(("a", "b"), [(1e8, 0.0), (1e-8, 0.0), (1.0, 1e3)])
+@pytest.mark.parametrize("Estimator", ESTIMATORS)
+def test_float32_fits_are_equivariant_too(Estimator, a, b):
+    _check_equivariance(Estimator, a, b, np.float32, EQUIVARIANCE_RTOL_FLOAT32)
+
+
+# ----------------------------------------------- rows that are far away
+@settings(max_examples=10)
+@given(
+    magnitude=st.floats(1e3, 1e200),
+    sign=st.sampled_from([-1.0, 1.0]),
+    column=st.integers(0, 3),
+)
+@pytest.mark.parametrize("Estimator", ESTIMATORS)
+def test_an_outlying_row_changes_no_other_row(
+    Estimator, fitted, magnitude, sign, column
+):
+    model, rows = fitted[Estimator]
+    outlier = rows[:1].copy()
+    outlier[0, column] = sign * magnitude
+    both = np.vstack([rows, outlier])
+    scores, latents = model.score_samples(both), model.transform(both)
+    # Other rows are scored independently: bit for bit the same.
+    np.testing.assert_array_equal(scores[:-1], model.score_samples(rows))
+    np.testing.assert_array_equal(latents[:-1], model.transform(rows))
+    # The outlier itself: a finite score or -inf, never NaN; finite latents.
+    assert not np.isnan(scores[-1]) and scores[-1] < model.score_samples(rows).min()
+    assert np.all(np.isfinite(latents[-1]))
+
+
+@pytest.mark.parametrize("Estimator", ESTIMATORS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rows_near_the_float_limit_score_minus_infinity_not_nan(Estimator, dtype):
+    X, _ = make_nonlinear_ica(100, 2, 4, random_state=0)
+    model = Estimator(**SMALL[Estimator], max_iter=1, random_state=0)
+    model.fit(X.astype(dtype))
+    huge = np.finfo(dtype).max / 10
+    rows = np.array([[huge, 0, 0, 0], [1e17, 1e17, -1e17, 1e17]], dtype=dtype)
+    scores = model.score_samples(rows)
+    assert not np.any(np.isnan(scores)) and np.all(scores < -1e10)
+    assert np.all(np.isfinite(model.transform(rows[1:])))
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    X, _ = make_nonlinear_ica(120, 2, 4, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return {
+            E: (E(**SMALL[E], max_iter=2, random_state=0).fit(X[:100]), X[100:])
+            for E in ESTIMATORS
+        }
+
+
+# -------------------------------------------------- fits that blow up
+@pytest.mark.parametrize("Estimator", ESTIMATORS)
+@pytest.mark.parametrize("learning_rate", [10.0, 100.0])
+def test_an_exploded_fit_raises_and_keeps_no_model(Estimator, learning_rate):
+    X, _ = make_nonlinear_ica(600, 2, 10, random_state=0)
+    model = Estimator(
+        **SMALL[Estimator], max_iter=3, learning_rate_init=learning_rate, random_state=0
+    )
+    with pytest.raises(
+        TrainingDivergedError, match="below that of a Gaussian.*smaller"
+    ):
+        model.fit(X)
+    assert not hasattr(model, "decoder_")
+
+
+@pytest.mark.parametrize("Estimator", ESTIMATORS)
+def test_an_exploded_warm_start_keeps_the_previous_model(Estimator):
+    X, _ = make_nonlinear_ica(600, 2, 10, random_state=0)
+    model = Estimator(**SMALL[Estimator], max_iter=3, warm_start=True, random_state=0)
+    before = model.fit(X).score_samples(X)
+    model.set_params(learning_rate_init=100.0)
+    with pytest.raises(TrainingDivergedError, match="previous model was kept"):
+        model.fit(X)
+    np.testing.assert_array_equal(model.score_samples(X), before)

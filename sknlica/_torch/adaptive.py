@@ -44,7 +44,7 @@ from sknlica._torch.chunks import ADAPTIVE_POINTS
 from sknlica._torch.gaussian import (
     cholesky_normal_log_density,
     latent_log_joint,
-    pairwise_log_joint,
+    pairwise_log_joint_parts,
     standard_normal_log_density,
 )
 from sknlica._torch.integration import ShiftedSobol, sobol_uniforms, uniforms_to_normal
@@ -114,13 +114,16 @@ def prior_start(
     g: torch.Tensor,
     log_weights: torch.Tensor,
     noise_variance: torch.Tensor,
+    centre: torch.Tensor | None = None,
 ) -> ProposalStart:
     """Best node, posterior mean and covariance under a prior rule's weights.
 
     Shapes ``(B, m)``, ``(B, m)`` and ``(B, m, m)``: the start of the mode
-    search and the moment-matched component of the proposal.
+    search and the moment-matched component of the proposal.  ``centre``
+    shifts the distance expansion (see ``gaussian.py``).
     """
-    joint = pairwise_log_joint(x, g, log_weights, noise_variance)
+    # The row terms are constant along each row: the weights do not need them.
+    joint, _ = pairwise_log_joint_parts(x, g, log_weights, noise_variance, centre)
     weights = torch.softmax(joint, dim=1)
     mean = weights @ nodes
     # One (B, K) x (K, m^2) product: measured 4x faster than the equivalent

@@ -25,7 +25,7 @@ from sknlica._torch.adaptive import (
     proposal_normals,
 )
 from sknlica._torch.chunks import DECODE_NODES, PAIRWISE_ELEMENTS, chunk_rows
-from sknlica._torch.gaussian import pairwise_log_joint
+from sknlica._torch.gaussian import pairwise_log_joint_parts
 from sknlica._torch.integration import evaluation_generator, prior_rule
 from sknlica._torch.likelihood import prior_rule_pass
 
@@ -132,6 +132,7 @@ def evaluate(
     n_adaptive_nodes: int = ADAPTIVE_EVAL_NODES,
     ess_threshold: float = ESS_THRESHOLD,
     generator: torch.Generator | None = None,
+    centre: torch.Tensor | None = None,
 ) -> Evaluation:
     """Per-row ``log p(x)`` (and ``E[z | x]``), refining low-ESS rows adaptively.
 
@@ -148,11 +149,12 @@ def evaluate(
         noise_variance,
         nodes=nodes if with_mean else None,
         with_ess=True,
+        centre=centre,
     )
     log_marginal, mean, ess = first_pass
     low_ess = ess < ess_threshold
     rows = low_ess.nonzero().squeeze(1)
-    start = _prior_starts(x[rows], rule, noise_variance)
+    start = _prior_starts(x[rows], rule, noise_variance, centre)
     if refine and len(rows):
         normals, counts = evaluation_normals(
             nodes.shape[1],
@@ -166,11 +168,15 @@ def evaluate(
         )
         log_marginal[rows] = row_log_marginal
         if with_mean:
-            mean[rows] = row_mean
+            # A row so far from the model that every proposal weight
+            # underflows keeps its prior-rule posterior mean, which does not
+            # need the row's (overflowing) norm.
+            usable = torch.isfinite(row_mean).all(dim=1)
+            mean[rows[usable]] = row_mean[usable]
     return Evaluation(log_marginal, mean, ess, low_ess, start)
 
 
-def _prior_starts(x, rule: DecodedRule, noise_variance) -> ProposalStart:
+def _prior_starts(x, rule: DecodedRule, noise_variance, centre) -> ProposalStart:
     """:func:`prior_start` of every row, in chunks into preallocated outputs."""
     nodes, log_weights, g = rule
     m = nodes.shape[1]
@@ -180,7 +186,7 @@ def _prior_starts(x, rule: DecodedRule, noise_variance) -> ProposalStart:
     step = chunk_rows(g.shape[0], PAIRWISE_ELEMENTS)
     for first in range(0, len(x), step):
         chunk = slice(first, first + step)
-        parts = prior_start(x[chunk], nodes, g, log_weights, noise_variance)
+        parts = prior_start(x[chunk], nodes, g, log_weights, noise_variance, centre)
         for out, part in zip(start, parts, strict=True):
             out[chunk] = part
     return start
@@ -195,6 +201,7 @@ def resample_posterior(
     n_samples: int,
     *,
     generator: torch.Generator,
+    centre: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Importance-resampled posterior draws ``(B, S, m)`` and their spread ``(B,)``.
 
@@ -206,9 +213,10 @@ def resample_posterior(
     z, spread = [], []
     # In row chunks: the rows x nodes weights are the largest temporary.
     for chunk in x.split(chunk_rows(g.shape[0], PAIRWISE_ELEMENTS)):
-        weights = torch.softmax(
-            pairwise_log_joint(chunk, g, log_weights, noise_variance), 1
+        cross, _ = pairwise_log_joint_parts(
+            chunk, g, log_weights, noise_variance, centre
         )
+        weights = torch.softmax(cross, 1)
         picks = torch.multinomial(
             weights, n_samples, replacement=True, generator=generator
         )
@@ -217,7 +225,7 @@ def resample_posterior(
         spread.append(moments.mean(1))
     z, spread = torch.cat(z), torch.cat(spread)
     evaluation = evaluate(
-        x, rule, decoder, noise_variance, with_mean=False, refine=False
+        x, rule, decoder, noise_variance, with_mean=False, refine=False, centre=centre
     )
     if evaluation.low_ess.any():
         rows = evaluation.low_ess.nonzero().squeeze(1)

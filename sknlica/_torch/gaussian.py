@@ -8,9 +8,12 @@ last axis is the event axis) unless it says otherwise.
 
 Pairwise forms (``rows x nodes``) expand the squared distance as ``||x||^2 -
 2 x.g + ||g||^2`` so that the largest temporary is ``B x K``, never ``B x K
-x n``.  Both sides are first centred on the rows' mean, which is exact (the
-distance is translation invariant) and keeps the expansion from cancelling
-catastrophically in float32 when the features have a large mean.
+x n``.  Both sides are first shifted by a ``centre`` near the data, which is
+exact (the distance is translation invariant) and keeps the expansion from
+cancelling catastrophically in float32 when the features have a large mean.
+The centre must come from fitted state (the training mean), never from the
+rows passed: otherwise one outlying row would change every other row's
+value.  ``centre=None`` means no shift.
 """
 
 from __future__ import annotations
@@ -116,22 +119,61 @@ def effective_sample_size(log_posterior: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------- rows x nodes
-def squared_distances(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def centred(
+    x: torch.Tensor, g: torch.Tensor, centre: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` and ``g`` shifted by ``centre`` (unchanged when it is ``None``)."""
+    if centre is None:
+        return x, g
+    return x - centre, g - centre
+
+
+def squared_distances(
+    x: torch.Tensor, g: torch.Tensor, centre: torch.Tensor | None = None
+) -> torch.Tensor:
     """``||x_i - g_j||^2`` for all pairs, shape ``(B, K)``, via one matmul."""
-    centre = x.detach().mean(dim=0)
-    x = x - centre
-    g = g - centre
+    x, g = centred(x, g, centre)
     sq = (x * x).sum(1, keepdim=True) - 2.0 * (x @ g.T) + (g * g).sum(1)
     return sq.clamp_min(0.0)
 
 
 def pairwise_log_density(
-    x: torch.Tensor, g: torch.Tensor, noise_variance: torch.Tensor
+    x: torch.Tensor,
+    g: torch.Tensor,
+    noise_variance: torch.Tensor,
+    centre: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``log N(x_i; g_j, s2 I)`` for all pairs, shape ``(B, K)``."""
     return isotropic_log_density_from_squared(
-        squared_distances(x, g), noise_variance, x.shape[1]
+        squared_distances(x, g, centre), noise_variance, x.shape[1]
     )
+
+
+def pairwise_log_joint_parts(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    log_weights: torch.Tensor,
+    noise_variance: torch.Tensor,
+    centre: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pairwise_log_joint` as ``(node and cross terms, row terms)``.
+
+    The log-joint is the first minus the second, ``(B, K) - (B, 1)``.  The
+    row terms ``||x_i||^2 / (2 s2)`` do not depend on the node, so the first
+    part alone gives each row's posterior weights, even for a row so far
+    away that its row term overflows.  Fused into one ``addmm``: the node
+    terms ``log w_j - n/2 log(2 pi s2) - ||g_j||^2 / (2 s2)`` form the bias
+    row and ``x.g / s2`` the product, so the ``B x K`` matrix is written once
+    or twice instead of about eight times.
+    """
+    x, g = centred(x, g, centre)
+    inverse_variance = 1.0 / noise_variance
+    node_terms = log_weights - 0.5 * (
+        x.shape[1] * torch.log(2 * math.pi * noise_variance)
+        + (g * g).sum(1) * inverse_variance
+    )
+    row_terms = (0.5 * inverse_variance) * (x * x).sum(1, keepdim=True)
+    return torch.addmm(node_terms, x * inverse_variance, g.T), row_terms
 
 
 def pairwise_log_joint(
@@ -139,21 +181,18 @@ def pairwise_log_joint(
     g: torch.Tensor,
     log_weights: torch.Tensor,
     noise_variance: torch.Tensor,
+    centre: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``log w_j + log N(x_i; g_j, s2 I)``, shape ``(B, K)``: the hot path.
 
-    Fused into one ``addmm``: the node terms ``log w_j - n/2 log(2 pi s2) -
-    ||g_j||^2 / (2 s2)`` form the bias row, ``x.g / s2`` the product, and
-    only the row term ``||x_i||^2 / (2 s2)`` is subtracted afterwards, so the
-    ``B x K`` matrix is written twice instead of about eight times.
+    See :func:`pairwise_log_joint_parts`.  A row so far away that its norm
+    overflows gets ``-inf`` (never NaN).
     """
-    centre = x.detach().mean(dim=0)
-    x = x - centre
-    g = g - centre
-    inverse_variance = 1.0 / noise_variance
-    node_terms = log_weights - 0.5 * (
-        x.shape[1] * torch.log(2 * math.pi * noise_variance)
-        + (g * g).sum(1) * inverse_variance
+    cross, row_terms = pairwise_log_joint_parts(
+        x, g, log_weights, noise_variance, centre
     )
-    row_terms = (0.5 * inverse_variance) * (x * x).sum(1, keepdim=True)
-    return torch.addmm(node_terms, x * inverse_variance, g.T) - row_terms
+    joint = cross - row_terms
+    overflow = torch.isinf(row_terms)
+    if bool(overflow.any()):  # inf - inf would be NaN; checked to keep one pass
+        joint = torch.where(overflow, -math.inf, joint)
+    return joint

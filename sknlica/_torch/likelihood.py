@@ -13,15 +13,18 @@ the posterior weights, with bounded memory.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 
 from sknlica._torch.chunks import PAIRWISE_ELEMENTS, chunk_rows
 from sknlica._torch.gaussian import (
+    centred,
     effective_sample_size,
     isotropic_log_density_from_squared,
     pairwise_log_joint,
+    pairwise_log_joint_parts,
     squared_distances,
 )
 
@@ -31,9 +34,14 @@ def log_marginal_autograd(
     g: torch.Tensor,
     log_weights: torch.Tensor,
     noise_variance: torch.Tensor,
+    centre: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-row ``log p(x_i)``; gradients by backpropagation through logsumexp."""
-    return torch.logsumexp(pairwise_log_joint(x, g, log_weights, noise_variance), 1)
+    """Per-row ``log p(x_i)``; gradients by backpropagation through logsumexp.
+
+    ``centre`` shifts the distance expansion (see ``gaussian.py``).
+    """
+    joint = pairwise_log_joint(x, g, log_weights, noise_variance, centre)
+    return torch.logsumexp(joint, 1)
 
 
 def _log_joint_from_distances(sq, log_weights, noise_variance, n_features):
@@ -58,13 +66,14 @@ class _LogMarginalAnalytic(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, g, log_weights, noise_variance):
-        sq = squared_distances(x, g)
+    def forward(ctx, x, g, log_weights, noise_variance, centre):
+        sq = squared_distances(x, g, centre)
         log_joint = _log_joint_from_distances(
             sq, log_weights, noise_variance, x.shape[1]
         )
         log_marginal = torch.logsumexp(log_joint, dim=1)
         ctx.save_for_backward(x, g, log_weights, noise_variance, sq, log_marginal)
+        ctx.centre = centre
         return log_marginal
 
     @staticmethod
@@ -80,9 +89,7 @@ class _LogMarginalAnalytic(torch.autograd.Function):
         grad_x = grad_g = grad_log_weights = grad_noise_variance = None
         # Centre as in the forward pass: both gradients are differences x - g,
         # and uncentred products lose all float32 precision for large means.
-        centre = x.mean(dim=0)
-        x = x - centre
-        g = g - centre
+        x, g = centred(x, g, ctx.centre)
         if ctx.needs_input_grad[0]:
             grad_x = (weighted @ g - grad_output[:, None] * x) / noise_variance
         if ctx.needs_input_grad[1]:
@@ -95,7 +102,7 @@ class _LogMarginalAnalytic(torch.autograd.Function):
                 (weighted * (sq / noise_variance - n_features)).sum()
                 / (2 * noise_variance)
             ).reshape(noise_variance.shape)
-        return grad_x, grad_g, grad_log_weights, grad_noise_variance
+        return grad_x, grad_g, grad_log_weights, grad_noise_variance, None
 
 
 def log_marginal_analytic(
@@ -103,9 +110,10 @@ def log_marginal_analytic(
     g: torch.Tensor,
     log_weights: torch.Tensor,
     noise_variance: torch.Tensor,
+    centre: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-row ``log p(x_i)``; gradients from the hand-derived formulas."""
-    return _LogMarginalAnalytic.apply(x, g, log_weights, noise_variance)
+    return _LogMarginalAnalytic.apply(x, g, log_weights, noise_variance, centre)
 
 
 GRADIENTS = {"autograd": log_marginal_autograd, "analytic": log_marginal_analytic}
@@ -132,6 +140,7 @@ def prior_rule_pass(
     *,
     nodes: torch.Tensor | None = None,
     with_ess: bool = False,
+    centre: torch.Tensor | None = None,
     max_elements: int = PAIRWISE_ELEMENTS,
 ) -> PriorRulePass:
     """Per-row log-likelihood, and optionally posterior mean and ESS, in chunks.
@@ -151,11 +160,18 @@ def prior_rule_pass(
     step = chunk_rows(g.shape[0], max_elements)
     for first in range(0, n_rows, step):
         rows = slice(first, first + step)
-        joint = pairwise_log_joint(x[rows], g, log_weights, noise_variance)
-        log_marginal[rows] = torch.logsumexp(joint, dim=1)
+        cross, row_terms = pairwise_log_joint_parts(
+            x[rows], g, log_weights, noise_variance, centre
+        )
+        cross_marginal = torch.logsumexp(cross, dim=1)
+        # -inf (never NaN) for a row whose norm overflows.
+        log_marginal[rows] = torch.where(
+            torch.isinf(row_terms[:, 0]), -math.inf, cross_marginal - row_terms[:, 0]
+        )
         if mean is None and ess is None:
             continue
-        log_posterior = joint - log_marginal[rows, None]
+        # Posterior weights without the row term, which they do not depend on.
+        log_posterior = cross - cross_marginal[:, None]
         if mean is not None:
             mean[rows] = torch.exp(log_posterior) @ nodes
         if ess is not None:
@@ -169,9 +185,10 @@ def log_marginal_chunked(
     log_weights: torch.Tensor,
     noise_variance: torch.Tensor,
     *,
+    centre: torch.Tensor | None = None,
     max_elements: int = PAIRWISE_ELEMENTS,
 ) -> torch.Tensor:
     """``log p(x_i)`` for many rows with bounded peak memory (no gradient)."""
     return prior_rule_pass(
-        x, g, log_weights, noise_variance, max_elements=max_elements
+        x, g, log_weights, noise_variance, centre=centre, max_elements=max_elements
     ).log_marginal

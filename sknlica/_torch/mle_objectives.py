@@ -100,9 +100,17 @@ class MLEObjective(Objective):
     case low-ESS validation rows are refined adaptively too).
     """
 
-    def __init__(self, *, n_components: int, validation_nodes: int) -> None:
+    def __init__(
+        self,
+        *,
+        n_components: int,
+        validation_nodes: int,
+        centre: torch.Tensor | None = None,
+    ) -> None:
         self.n_components = n_components
         self.validation_nodes = validation_nodes
+        #: Centre of the distance expansion: the training mean (fitted state).
+        self.centre = centre
 
     @property
     def trains_adaptively(self) -> bool:
@@ -130,6 +138,7 @@ class MLEObjective(Objective):
             with_mean=False,
             refine=self.trains_adaptively,
             n_adaptive_nodes=VALIDATION_ADAPTIVE_NODES,
+            centre=self.centre,
         )
         scores[VALIDATION_SCORE] = float(evaluation.log_marginal.mean())
         low = evaluation.ess < AUTO_SWITCH_ESS
@@ -149,7 +158,7 @@ class PriorRuleObjective(MLEObjective):
     def loss(self, model, batch, rows):
         nodes, log_weights = self.sampler.draw()
         g = model.decoder(nodes)
-        return -self.gradient(batch, g, log_weights, model.noise()).mean()
+        return -self.gradient(batch, g, log_weights, model.noise(), self.centre).mean()
 
 
 class ModeCache:
@@ -238,7 +247,9 @@ class AdaptiveObjective(MLEObjective):
         nodes, log_weights = self.start_rule
         with torch.no_grad():
             g = model.decoder(nodes)
-            start = prior_start(batch, nodes, g, log_weights, model.noise())
+            start = prior_start(
+                batch, nodes, g, log_weights, model.noise(), self.centre
+            )
         return -self.estimate.log_marginal(model, batch, start, rows).mean()
 
 
@@ -277,7 +288,7 @@ class AutoObjective(PriorRuleObjective):
         nodes, log_weights = self.sampler.draw()
         g = model.decoder(nodes)
         noise = model.noise()
-        joint = pairwise_log_joint(batch, g, log_weights, noise)
+        joint = pairwise_log_joint(batch, g, log_weights, noise, self.centre)
         log_marginal = torch.logsumexp(joint, dim=1)
         with torch.no_grad():
             ess = effective_sample_size(joint - log_marginal[:, None])
@@ -294,7 +305,9 @@ class AutoObjective(PriorRuleObjective):
                     device=batch.device,
                 )
             )
-        start = prior_start(batch[low], nodes, g.detach(), log_weights, noise.detach())
+        start = prior_start(
+            batch[low], nodes, g.detach(), log_weights, noise.detach(), self.centre
+        )
         adaptive = self.estimate.log_marginal(
             model, batch[low], start, None if rows is None else rows[low]
         )
@@ -312,11 +325,17 @@ def make_mle_objective(
     generator: torch.Generator,
     dtype: torch.dtype,
     device: torch.device,
+    centre: torch.Tensor | None = None,
 ) -> MLEObjective:
-    """The objective for ``integration`` ("auto", "adaptive" or a prior rule)."""
+    """The objective for ``integration`` ("auto", "adaptive" or a prior rule).
+
+    ``centre`` (the training mean, in the units trained in) centres the
+    distance expansion of every prior-rule pass.
+    """
     scoring = {
         "n_components": n_components,
         "validation_nodes": min(VALIDATION_NODE_FACTOR * n_nodes, n_eval_nodes),
+        "centre": centre,
     }
     build = {"generator": generator, "dtype": dtype, "device": device}
     if integration == "adaptive":

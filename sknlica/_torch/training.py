@@ -20,6 +20,7 @@ import copy
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,11 +84,21 @@ class TrainingRows:
         All rows, possibly sharing memory with the caller's array.
     index : torch.Tensor of int64 or None
         Positions of the training rows in ``data``; ``None`` means all rows.
+    transform : callable or None
+        Applied to every gathered minibatch (the standardisation of
+        ``sknlica._torch.standardisation``), so it never needs a copy of all
+        the data.
     """
 
-    def __init__(self, data: torch.Tensor, index: torch.Tensor | None = None):
+    def __init__(
+        self,
+        data: torch.Tensor,
+        index: torch.Tensor | None = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         self.data = data
         self.index = index
+        self.transform = transform
 
     def __len__(self) -> int:
         return self.data.shape[0] if self.index is None else self.index.shape[0]
@@ -105,10 +116,12 @@ class TrainingRows:
         return self.data.device
 
     def take(self, positions: torch.Tensor) -> torch.Tensor:
-        """Rows at ``positions`` (0-based among the training rows), copied."""
+        """Rows at ``positions`` (0-based among the training rows), copied and
+        passed through ``transform`` (the standardisation) if there is one."""
         if self.index is not None:
             positions = self.index[positions]
-        return self.data[positions]
+        rows = self.data[positions]
+        return rows if self.transform is None else self.transform(rows)
 
 
 def training_tensor(X: np.ndarray, device: torch.device) -> torch.Tensor:
