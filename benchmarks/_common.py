@@ -691,8 +691,11 @@ def default_decoder(
 
 
 def _noise(p: dict, scale: float, dtype) -> NoiseVariance:
+    # noise_variance=None starts at the data's mean feature variance, as fit
+    # does (it trains in standard units, where that is 1).
+    initial = scale if p["noise_variance"] is None else p["noise_variance"]
     return NoiseVariance(
-        p["noise_variance"],
+        initial,
         learn=p["learn_noise_variance"],
         floor=NOISE_VARIANCE_FLOOR * scale,
         dtype=dtype,
@@ -742,6 +745,8 @@ def mle_training_objects(x: torch.Tensor, *, seed: int = 0, **params):
         generator=generator,
         dtype=x.dtype,
         device=x.device,
+        # fit centres the distance expansion on the training mean.
+        centre=x.mean(dim=0),
     )
     decoder_params, noise_params = list(decoder.parameters()), list(noise.parameters())
     if p["solver"] == "adam":

@@ -317,7 +317,9 @@ def test_pairwise_log_density_matches_direct(
     x = offset + randn(gen, batch, n_features)
     g = offset + randn(gen, n_nodes, n_features)
     s2 = torch.tensor(10.0**log10_variance, dtype=F64)
-    got = gaussian.pairwise_log_density(x, g, s2)
+    # The centre comes from fitted state (a training mean) near the data.
+    centre = torch.full((n_features,), offset, dtype=F64)
+    got = gaussian.pairwise_log_density(x, g, s2, centre)
     assert got.shape == (batch, n_nodes)
     torch.testing.assert_close(
         got,
@@ -361,7 +363,8 @@ def test_pairwise_log_density_float32_large_mean():
     s2 = torch.tensor(1.0)
     # Reference: float64 direct evaluation of the same float32-rounded inputs.
     ref = direct_log_likelihood(x32.double(), g32.double(), s2.double())
-    got = gaussian.pairwise_log_density(x32, g32, s2)
+    centre = torch.full((n_features,), 1000.0)  # the training mean, fitted state
+    got = gaussian.pairwise_log_density(x32, g32, s2, centre)
     assert got.dtype == torch.float32
     assert (got.double() - ref).abs().max().item() < LARGE_MEAN_F32_ATOL
     # The regime is discriminating: the uncentred expansion is off by ~400.
@@ -385,6 +388,7 @@ def test_pairwise_log_joint_adds_log_weights():
 
 def test_pairwise_log_joint_float32_large_mean():
     # The fused addmm centres like pairwise_log_density: same float32 accuracy.
+    centre = torch.full((500,), 1000.0)
     gen = torch.Generator().manual_seed(3)
     x32 = (1000 + randn(gen, 32, 500)).float()
     g32 = (1000 + randn(gen, 64, 500)).float()
@@ -392,6 +396,33 @@ def test_pairwise_log_joint_float32_large_mean():
     s2 = torch.tensor(1.0)
     ref = direct_log_likelihood(x32.double(), g32.double(), s2.double())
     ref = ref + log_weights.double()
-    got = gaussian.pairwise_log_joint(x32, g32, log_weights, s2)
+    got = gaussian.pairwise_log_joint(x32, g32, log_weights, s2, centre)
     assert got.dtype == torch.float32
     assert (got.double() - ref).abs().max().item() < LARGE_MEAN_F32_ATOL
+
+
+def test_pairwise_forms_take_the_centre_from_the_caller_not_the_rows():
+    # One outlying row must not move the others: the expansion is centred on
+    # a fixed centre, so every row's value is computed as if alone.
+    gen = torch.Generator().manual_seed(4)
+    x, g = randn(gen, 5, 3), randn(gen, 7, 3)
+    log_weights = torch.full((7,), -math.log(7), dtype=F64)
+    s2 = torch.tensor(0.5, dtype=F64)
+    centre = x.mean(0)
+    alone = gaussian.pairwise_log_joint(x, g, log_weights, s2, centre)
+    outlier = torch.full((1, 3), 1e12, dtype=F64)
+    both = gaussian.pairwise_log_joint(
+        torch.cat([x, outlier]), g, log_weights, s2, centre
+    )
+    torch.testing.assert_close(both[:5], alone, rtol=0, atol=0)
+
+
+def test_pairwise_log_joint_overflow_is_minus_infinity_not_nan():
+    g = torch.zeros(3, 2)
+    log_weights = torch.full((3,), -math.log(3))
+    x = torch.tensor([[3e19, -3e19], [0.5, 0.5]])  # float32: ||x||^2 overflows
+    joint = gaussian.pairwise_log_joint(x, g, log_weights, torch.tensor(1.0))
+    assert torch.all(joint[0] == -math.inf) and torch.all(torch.isfinite(joint[1]))
+    cross, row = gaussian.pairwise_log_joint_parts(x, g, log_weights, torch.tensor(1.0))
+    # The node terms alone stay finite: the posterior weights need nothing else.
+    assert torch.all(torch.isfinite(cross)) and torch.isinf(row[0, 0])

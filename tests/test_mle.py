@@ -45,7 +45,9 @@ def relu_data():
 
 @pytest.fixture(scope="module")
 def fitted_relu(relu_data):
-    return NonlinearICAMLE(random_state=0, max_iter=60).fit(relu_data[0])
+    # Training in standard units starts sigma^2 at the data's variance (3.8
+    # here), which takes ~90 epochs to reach its best on 1,000 rows.
+    return NonlinearICAMLE(random_state=0, max_iter=120).fit(relu_data[0])
 
 
 def _true_posterior_mean(mixing, X, n_nodes=2**16):
@@ -147,7 +149,8 @@ def test_learns_the_report_generator(fitted_relu, relu_data):
     _, X_test, Z_test, mixing = relu_data
     true_ll = marginal_log_likelihood(X_test, mixing, 1.0).mean()
     # 1,000 training rows (the benchmark uses 5,000 and meets 0.05 nats); at
-    # this size the measured gap is 0.13-0.21 nats per sample.
+    # this size the measured gap is 0.13 nats per sample (0.15-0.21 before
+    # training in standard units).
     assert fitted_relu.score(X_test) > true_ll - 0.3
     assert abs(fitted_relu.noise_variance_ - 1.0) < 0.1
     # Latents are recoverable only as far as the posterior allows: with W >= 0
