@@ -109,13 +109,11 @@ def accuracy_rows(sizes: Sizes = FULL) -> list[dict]:
                 x, start_nodes, mixing(start_nodes), start_log_weights, s2
             )
             for n_nodes in sizes.adaptive_nodes:
-                normals, counts = adaptive.proposal_normals(
+                proposal = adaptive.proposal_normals(
                     2, n_nodes, generator=torch.Generator().manual_seed(0)
                 )
                 began = time.perf_counter()
-                estimate, _ = adaptive.adaptive_chunked(
-                    x, mixing, s2, start, normals, counts
-                )
+                estimate, _ = adaptive.adaptive_chunked(x, mixing, s2, start, proposal)
                 row[f"adaptive {n_nodes}/row"] = float(
                     (estimate - reference).abs().mean()
                 )

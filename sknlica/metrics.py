@@ -327,8 +327,7 @@ def mean_corr_coef(A, B, method: str = "pearson") -> float:
     --------
     >>> import numpy as np
     >>> from sknlica.metrics import mean_corr_coef
-    >>> rng = np.random.default_rng(0)
-    >>> A = rng.standard_normal((100, 2))
+    >>> A = np.random.default_rng(0).standard_normal((100, 2))
     >>> B = np.column_stack([-2.0 * A[:, 1], np.exp(A[:, 0])])
     >>> round(mean_corr_coef(A, B, method="spearman"), 6)
     1.0

@@ -32,14 +32,12 @@ def _start(x, decoder, s2, n_components=2):
 
 
 def _adaptive_log_marginal(x, decoder, s2, n_nodes=NODES_PER_ROW, seed=0):
-    normals, counts = adaptive.proposal_normals(
+    proposal = adaptive.proposal_normals(
         2,
         n_nodes,
         generator=torch.Generator().manual_seed(seed),
     )
-    return adaptive.adaptive_chunked(
-        x, decoder, s2, _start(x, decoder, s2), normals, counts
-    )
+    return adaptive.adaptive_chunked(x, decoder, s2, _start(x, decoder, s2), proposal)
 
 
 def test_linear_decoder_matches_closed_form():
@@ -128,7 +126,7 @@ def test_fixed_proposal_gradient_matches_finite_differences():
     )
     x = torch.randn(5, 4, dtype=torch.float64)
     s2 = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
-    normals, counts = adaptive.proposal_normals(
+    proposal = adaptive.proposal_normals(
         2, 64, generator=torch.Generator().manual_seed(0)
     )
     start = (
@@ -137,7 +135,7 @@ def test_fixed_proposal_gradient_matches_finite_differences():
         torch.eye(2).double().expand(5, 2, 2),
     )
     nodes, log_q, _ = adaptive.adapted_proposal(
-        x, decoder, s2.detach(), start, normals, counts
+        x, decoder, s2.detach(), start, proposal
     )
     assert not nodes.requires_grad and not log_q.requires_grad
 
@@ -159,13 +157,13 @@ def test_results_do_not_depend_on_chunking():
     )
     x = torch.tensor(X)
     s2 = torch.tensor(0.09, dtype=torch.float64)
-    normals, counts = adaptive.proposal_normals(
+    proposal = adaptive.proposal_normals(
         2, 256, generator=torch.Generator().manual_seed(0)
     )
     start = _start(x, mixing, s2)
-    whole = adaptive.adaptive_chunked(x, mixing, s2, start, normals, counts)
+    whole = adaptive.adaptive_chunked(x, mixing, s2, start, proposal)
     pieces = adaptive.adaptive_chunked(
-        x, mixing, s2, start, normals, counts, max_points=3 * 256
+        x, mixing, s2, start, proposal, max_points=3 * 256
     )
     for a, b in zip(whole, pieces, strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12, atol=1e-12)
@@ -183,7 +181,7 @@ def test_resampled_draws_come_from_the_posterior_bulk():
     )
     x = torch.tensor(X)
     s2 = torch.tensor(0.01, dtype=torch.float64)
-    normals, counts = adaptive.proposal_normals(
+    proposal = adaptive.proposal_normals(
         2, 1024, generator=torch.Generator().manual_seed(0)
     )
     start = _start(x, mixing, s2)
@@ -192,8 +190,7 @@ def test_resampled_draws_come_from_the_posterior_bulk():
         mixing,
         s2,
         start,
-        normals,
-        counts,
+        proposal,
         2000,
         generator=torch.Generator().manual_seed(1),
     )

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from sknlica._torch.adaptive import (
+    ProposalNormals,
     ProposalStart,
     adaptive_chunked,
     adaptive_resample,
@@ -97,12 +98,12 @@ def evaluation_normals(
     dtype: torch.dtype,
     device,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, tuple[int, ...]]:
+) -> ProposalNormals:
     """The adaptive rule's proposal normals (fixed seed by default) and counts."""
     normals, counts = proposal_normals(
         n_components, n_nodes, generator=generator or evaluation_generator()
     )
-    return normals.to(dtype=dtype, device=device), counts
+    return ProposalNormals(normals.to(dtype=dtype, device=device), counts)
 
 
 class Evaluation(NamedTuple):
@@ -156,7 +157,7 @@ def evaluate(
     rows = low_ess.nonzero().squeeze(1)
     start = _prior_starts(x[rows], rule, noise_variance, centre)
     if refine and len(rows):
-        normals, counts = evaluation_normals(
+        proposal = evaluation_normals(
             nodes.shape[1],
             n_adaptive_nodes,
             dtype=x.dtype,
@@ -164,7 +165,7 @@ def evaluate(
             generator=generator,
         )
         row_log_marginal, row_mean = adaptive_chunked(
-            x[rows], decoder, noise_variance, start, normals, counts
+            x[rows], decoder, noise_variance, start, proposal
         )
         log_marginal[rows] = row_log_marginal
         if with_mean:
@@ -229,7 +230,7 @@ def resample_posterior(
     )
     if evaluation.low_ess.any():
         rows = evaluation.low_ess.nonzero().squeeze(1)
-        normals, counts = evaluation_normals(
+        proposal = evaluation_normals(
             nodes.shape[1], ADAPTIVE_EVAL_NODES, dtype=x.dtype, device=x.device
         )
         z[rows], spread[rows] = adaptive_resample(
@@ -237,8 +238,7 @@ def resample_posterior(
             decoder,
             noise_variance,
             evaluation.start,
-            normals,
-            counts,
+            proposal,
             n_samples,
             generator=generator,
         )

@@ -158,6 +158,10 @@ def pairwise_log_joint_parts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`pairwise_log_joint` as ``(node and cross terms, row terms)``.
 
+    ``x`` is ``(B, n)``, ``g`` the decoded nodes ``(K, n)``, ``log_weights``
+    ``(K,)``, ``noise_variance`` a scalar tensor and ``centre`` ``(n,)`` or
+    ``None``.
+
     The log-joint is the first minus the second, ``(B, K) - (B, 1)``.  The
     row terms ``||x_i||^2 / (2 s2)`` do not depend on the node, so the first
     part alone gives each row's posterior weights, even for a row so far
@@ -176,17 +180,11 @@ def pairwise_log_joint_parts(
     return torch.addmm(node_terms, x * inverse_variance, g.T), row_terms
 
 
-def pairwise_log_joint(
-    x: torch.Tensor,
-    g: torch.Tensor,
-    log_weights: torch.Tensor,
-    noise_variance: torch.Tensor,
-    centre: torch.Tensor | None = None,
-) -> torch.Tensor:
+def pairwise_log_joint(x, g, log_weights, noise_variance, centre=None):
     """``log w_j + log N(x_i; g_j, s2 I)``, shape ``(B, K)``: the hot path.
 
-    See :func:`pairwise_log_joint_parts`.  A row so far away that its norm
-    overflows gets ``-inf`` (never NaN).
+    Arguments and the fused computation as :func:`pairwise_log_joint_parts`.
+    A row so far away that its norm overflows gets ``-inf`` (never NaN).
     """
     cross, row_terms = pairwise_log_joint_parts(
         x, g, log_weights, noise_variance, centre

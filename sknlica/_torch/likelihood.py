@@ -29,16 +29,10 @@ from sknlica._torch.gaussian import (
 )
 
 
-def log_marginal_autograd(
-    x: torch.Tensor,
-    g: torch.Tensor,
-    log_weights: torch.Tensor,
-    noise_variance: torch.Tensor,
-    centre: torch.Tensor | None = None,
-) -> torch.Tensor:
+def log_marginal_autograd(x, g, log_weights, noise_variance, centre=None):
     """Per-row ``log p(x_i)``; gradients by backpropagation through logsumexp.
 
-    ``centre`` shifts the distance expansion (see ``gaussian.py``).
+    Arguments as :func:`~sknlica._torch.gaussian.pairwise_log_joint_parts`.
     """
     joint = pairwise_log_joint(x, g, log_weights, noise_variance, centre)
     return torch.logsumexp(joint, 1)
@@ -105,14 +99,11 @@ class _LogMarginalAnalytic(torch.autograd.Function):
         return grad_x, grad_g, grad_log_weights, grad_noise_variance, None
 
 
-def log_marginal_analytic(
-    x: torch.Tensor,
-    g: torch.Tensor,
-    log_weights: torch.Tensor,
-    noise_variance: torch.Tensor,
-    centre: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-row ``log p(x_i)``; gradients from the hand-derived formulas."""
+def log_marginal_analytic(x, g, log_weights, noise_variance, centre=None):
+    """Per-row ``log p(x_i)``; gradients from the hand-derived formulas.
+
+    Arguments as :func:`~sknlica._torch.gaussian.pairwise_log_joint_parts`.
+    """
     return _LogMarginalAnalytic.apply(x, g, log_weights, noise_variance, centre)
 
 
@@ -179,16 +170,10 @@ def prior_rule_pass(
     return PriorRulePass(log_marginal, mean, ess)
 
 
-def log_marginal_chunked(
-    x: torch.Tensor,
-    g: torch.Tensor,
-    log_weights: torch.Tensor,
-    noise_variance: torch.Tensor,
-    *,
-    centre: torch.Tensor | None = None,
-    max_elements: int = PAIRWISE_ELEMENTS,
-) -> torch.Tensor:
-    """``log p(x_i)`` for many rows with bounded peak memory (no gradient)."""
-    return prior_rule_pass(
-        x, g, log_weights, noise_variance, centre=centre, max_elements=max_elements
-    ).log_marginal
+def log_marginal_chunked(x, g, log_weights, noise_variance, **options):
+    """``log p(x_i)`` for many rows with bounded peak memory (no gradient).
+
+    :func:`prior_rule_pass` without the posterior moments; ``options`` are its
+    keywords (``centre``, ``max_elements``).
+    """
+    return prior_rule_pass(x, g, log_weights, noise_variance, **options).log_marginal

@@ -215,14 +215,12 @@ class AdaptiveEstimate:
                 )
             if warm:
                 n_steps = ADAPTIVE_WARM_NEWTON_STEPS
-        normals, counts = self.sampler.draw()
         nodes, log_q, mode = adapted_proposal(
             batch,
             model.decoder,
             noise.detach(),
             (point, mean, covariance),
-            normals,
-            counts,
+            self.sampler.draw(),
             n_steps=n_steps,
         )
         if rows is not None:
