@@ -57,6 +57,7 @@ bench: $(VENV)/.extras-test
 	$(PY) benchmarks/bench_memory.py
 	$(PY) benchmarks/bench_report_settings.py
 	$(PY) benchmarks/bench_scaling.py
+	$(PY) benchmarks/bench_robustness.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -41,6 +41,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from sknlica._torch.gaussian import isotropic_log_density
 from sknlica._torch.networks import ACTIVATIONS, NoiseVariance, make_mlp
 from sknlica._torch.standardisation import Standardisation
 from sknlica._torch.training import (
@@ -677,7 +678,7 @@ class BaseNonlinearICA(
             incremental=incremental,
             resume=resume,
             units=units,
-            baseline=_gaussian_baseline(X.shape[1], variance),
+            baseline=_gaussian_baseline(validation, units, X.shape[1], variance),
         )
         return self
 
@@ -704,7 +705,8 @@ class BaseNonlinearICA(
 
         ``baseline`` is the log-likelihood per row, in standard units, of the
         Gaussian with the data's mean and variance, which every model
-        contains: a best score far below it means training blew up.
+        contains: a best score far below it means training blew up, one below
+        it after the stopping rule fired that the optimiser failed.
         """
         name = type(self).__name__
         interrupted = runs[-1].interrupted
@@ -762,6 +764,16 @@ class BaseNonlinearICA(
             warn_at_caller(
                 f"{name} reached max_iter={self.max_iter} epochs without "
                 "converging; consider increasing max_iter.",
+                ConvergenceWarning,
+            )
+        elif checked and not incremental and deficit > 0:
+            shift = units.log_jacobian(n_features)
+            warn_at_caller(
+                f"{name} converged to a model worse than a Gaussian with the "
+                f"data's mean and variance, which it contains: its best "
+                f"log-likelihood is {best.score + shift:.6g} nats per row against "
+                f"{baseline + shift:.6g}. The optimiser failed; try a smaller "
+                "learning_rate_init.",
                 ConvergenceWarning,
             )
 
@@ -934,9 +946,16 @@ _LOG_LIKELIHOOD_ENTRIES = (
 )
 
 
-def _gaussian_baseline(n_features: int, variance: float) -> float:
-    """Expected log-likelihood per row of ``N(mean, variance I)`` on its data."""
-    return -0.5 * n_features * (math.log(2 * math.pi * variance) + 1.0)
+def _gaussian_baseline(validation, units, n_features: int, variance: float) -> float:
+    """Log-likelihood per row, in standard units, of ``N(mean, variance I)``
+    (the data's mean and mean feature variance) on the rows the monitored
+    score is computed on: the validation rows, else (its expectation) the
+    training data."""
+    if validation is None:
+        return -0.5 * n_features * (math.log(2 * math.pi * variance) + 1.0)
+    mean = units.standard_mean.to(validation.dtype)
+    density = isotropic_log_density(validation, mean, validation.new_tensor(variance))
+    return float(density.mean())
 
 
 def _to_data_units(history: list[dict], units, n_features: int) -> None:

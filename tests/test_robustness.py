@@ -307,3 +307,24 @@ def test_an_exploded_warm_start_keeps_the_previous_model(Estimator):
     with pytest.raises(TrainingDivergedError, match="previous model was kept"):
         model.fit(X)
     np.testing.assert_array_equal(model.score_samples(X), before)
+
+
+def test_a_converged_fit_worse_than_a_gaussian_warns():
+    # At learning rate 10 the MLE does not blow up: it stops, measured 46
+    # epochs, at a model worse than the Gaussian it contains.
+    X, _ = make_nonlinear_ica(600, 2, 10, random_state=0)
+    bad = NonlinearICAMLE(**SMALL[NonlinearICAMLE], learning_rate_init=10.0)
+    with pytest.warns(ConvergenceWarning, match="worse than a Gaussian"):
+        bad.set_params(random_state=0).fit(X)
+    assert bad.converged_
+
+
+@pytest.mark.parametrize("Estimator", ESTIMATORS)
+def test_a_normal_fit_beats_the_gaussian_silently(Estimator):
+    X, _ = make_nonlinear_ica(600, 2, 10, random_state=0)
+    good = Estimator(**SMALL[Estimator], n_iter_no_change=3, tol=1e-2, random_state=0)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        good.fit(X)
+    assert good.converged_
+    assert not any("worse than a Gaussian" in str(w.message) for w in record)
