@@ -579,7 +579,10 @@ class BaseNonlinearICA(
         early stopping, learning-rate decay or parameter averaging
         (``ema_decay``): each call makes one pass over ``X`` in minibatches of
         ``batch_size`` and appends one entry to ``history_``; epoch schedules
-        (a KL warm-up) advance by one per call.  A call whose loss becomes
+        (a KL warm-up) advance by one per call.  The first call's chunk fixes
+        the standardisation (the location and scale training runs in, see
+        the user guide), so it should be representative of the data.  A
+        call whose loss becomes
         non-finite raises :class:`TrainingDivergedError` and leaves the
         previous fitted model untouched.  Unavailable when ``n_init > 1``.
 
