@@ -51,36 +51,11 @@ _ACTIVATIONS = {
 }
 
 
-def _torch_activation(name, x):
-    """Apply activation ``name`` to tensor ``x`` with torch ops (differentiable)."""
-    import torch
-    import torch.nn.functional as F
-
-    if name == "relu":
-        return torch.relu(x)
-    if name == "sigmoid":
-        return torch.sigmoid(x)
-    if name == "tanh":
-        return torch.tanh(x)
-    if name == "leaky_relu":
-        return F.leaky_relu(x, negative_slope=_LEAKY_SLOPE)
-    if name == "gelu":
-        return F.gelu(x, approximate="none")
-    return x
-
-
 def _torch_activation_module(name):
-    from torch import nn
+    """The torch module of activation ``name``: the table the networks use."""
+    from sknlica._torch.networks import ACTIVATIONS
 
-    modules = {
-        "relu": nn.ReLU,
-        "sigmoid": nn.Sigmoid,
-        "tanh": nn.Tanh,
-        "leaky_relu": lambda: nn.LeakyReLU(negative_slope=_LEAKY_SLOPE),
-        "gelu": lambda: nn.GELU(approximate="none"),
-        "identity": nn.Identity,
-    }
-    return modules[name]()
+    return ACTIVATIONS[name]()
 
 
 def _is_torch_tensor(obj):
@@ -240,7 +215,7 @@ class NonlinearMixing:
         # torch.tensor copies, which avoids torch's warning on read-only arrays.
         weights = torch.tensor(self.weights, dtype=Z.dtype, device=Z.device)
         bias = torch.tensor(self.bias, dtype=Z.dtype, device=Z.device)
-        return _torch_activation(self.activation, Z @ weights.T + bias)
+        return _torch_activation_module(self.activation)(Z @ weights.T + bias)
 
     def _check_latent_shape(self, shape):
         if len(shape) != 2 or shape[1] != self.n_components:
