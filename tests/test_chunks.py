@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from _properties import property_settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from sknlica._torch import chunks
 
-PROPERTY = settings(
-    derandomize=True,
-    deadline=None,
-    database=None,
-    max_examples=30,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+PROPERTY = property_settings(30)
 
 
 @pytest.mark.parametrize(

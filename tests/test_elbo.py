@@ -16,7 +16,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from _properties import property_settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
@@ -24,13 +25,7 @@ from sknlica._torch import elbo, gaussian
 from sknlica._torch.integration import prior_rule
 from sknlica._torch.networks import make_mlp
 
-PROPERTY = settings(
-    derandomize=True,
-    deadline=None,
-    database=None,
-    max_examples=10,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+PROPERTY = property_settings(10)
 
 F64 = torch.float64
 

@@ -13,7 +13,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from _properties import property_settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy import stats
@@ -21,13 +22,7 @@ from scipy import stats
 from sknlica._torch import gaussian
 from sknlica._torch.networks import make_mlp
 
-PROPERTY = settings(
-    derandomize=True,
-    deadline=None,
-    database=None,
-    max_examples=10,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+PROPERTY = property_settings(10)
 PAIRWISE_PROPERTY = settings(PROPERTY, max_examples=30)
 
 F64 = torch.float64

@@ -15,7 +15,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from _properties import property_settings
+from hypothesis import given
 from hypothesis import strategies as st
 from numpy.polynomial.hermite_e import hermegauss
 from scipy import stats
@@ -23,14 +24,7 @@ from scipy.special import gammaln, logsumexp, ndtr
 
 from sknlica._torch import integration
 
-# Deterministic, database-free hypothesis profile: the same examples every run.
-PROPERTY = settings(
-    derandomize=True,
-    deadline=None,
-    database=None,
-    max_examples=30,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+PROPERTY = property_settings(30)
 
 # float64 log-weights are normalised by a logsumexp over at most ~1e4 terms:
 # the sum is exact to a few ulps times log(n_nodes).

@@ -20,7 +20,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from _properties import property_settings
+from hypothesis import given
 from hypothesis import strategies as st
 from scipy import integrate, stats
 from scipy.special import logsumexp
@@ -35,13 +36,7 @@ def posterior_mean_chunked(x, g, nodes, log_weights, s2, **kwargs):
     ).posterior_mean
 
 
-PROPERTY = settings(
-    derandomize=True,
-    deadline=None,
-    database=None,
-    max_examples=30,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+PROPERTY = property_settings(30)
 
 F64 = torch.float64
 

@@ -13,7 +13,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from _properties import property_settings
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from torch import nn
@@ -27,13 +28,7 @@ from sknlica._torch.networks import (
     soft_clamp,
 )
 
-PROPERTY = settings(
-    derandomize=True,
-    deadline=None,
-    database=None,
-    max_examples=30,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+PROPERTY = property_settings(30)
 F64 = torch.float64
 finite = {"allow_nan": False, "allow_infinity": False}
 
