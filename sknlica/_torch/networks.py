@@ -154,6 +154,13 @@ def soft_clamp(value: torch.Tensor, low: float, high: float) -> torch.Tensor:
     two nearly equal numbers, and ``softplus``'s linear regime (beyond 20)
     made its gradient exactly 0 and its value jump by 2e-9.
     """
+    upper = value > 0.5 * (low + high)
+    # One form when every entry is on the same side (the usual case: a step
+    # then computes half the terms), both and a selection otherwise.
+    if bool(upper.all()):
+        return high + F.softplus(low - value) - F.softplus(high - value)
     below = low + F.softplus(value - low) - F.softplus(value - high)
+    if not bool(upper.any()):
+        return below
     above = high + F.softplus(low - value) - F.softplus(high - value)
-    return torch.where(value <= 0.5 * (low + high), below, above)
+    return torch.where(upper, above, below)
