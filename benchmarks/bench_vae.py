@@ -57,7 +57,7 @@ from sknlica import NonlinearICAVAE, marginal_log_likelihood
 from sknlica._torch.elbo import score_function_elbo
 from sknlica._torch.gaussian import (
     diagonal_normal_log_density,
-    isotropic_log_density,
+    gaussian_log_density,
     kl_to_standard_normal,
     reparameterize,
     standard_normal_draws,
@@ -251,7 +251,7 @@ def _score_function_without_baseline(generator):
             (1, *mean.shape), generator=generator, dtype=mean.dtype
         )
         z = reparameterize(mean, log_var, eps).detach()
-        log_lik = isotropic_log_density(batch, *model.decode(z))
+        log_lik = gaussian_log_density(batch, *model.decode(z))
         log_q = diagonal_normal_log_density(z, mean, log_var)
         kl = kl_to_standard_normal(mean, log_var)
         zero = torch.zeros_like(log_lik)

@@ -41,7 +41,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from sknlica._torch.gaussian import isotropic_log_density
+from sknlica._torch.gaussian import gaussian_log_density
 from sknlica._torch.networks import ACTIVATIONS, NoiseVariance, make_mlp
 from sknlica._torch.standardisation import Standardisation
 from sknlica._torch.training import (
@@ -97,14 +97,24 @@ DECODER_PARAMETERS_DOC = """\
 #: Documentation of the noise variance's parameters, inserted where a
 #: subclass docstring says ``{noise_parameters}``.
 NOISE_PARAMETERS_DOC = """\
+    noise : {"isotropic", "diagonal"}, default="isotropic"
+        ``"isotropic"``: one noise variance ``sigma^2`` for all features, the
+        report's model.  ``"diagonal"``: one variance per feature, ``x | z ~
+        N(g(z), diag(psi))``, the nonlinear analogue of
+        :class:`~sklearn.decomposition.FactorAnalysis` (isotropic is that of
+        probabilistic PCA); for data whose features have different noise
+        levels.
     noise_variance : float, default=None
         Initial (or, with ``learn_noise_variance=False``, fixed) ``sigma^2``,
-        in the data's units.  ``None`` starts at the data's mean feature
-        variance (a model that explains nothing), which scales with the data,
-        so that the fit does not depend on the data's units.
+        in the data's units (for every feature, with ``noise="diagonal"``).
+        ``None`` starts at the data's mean feature variance (with
+        ``"diagonal"``, at each feature's variance): a model that explains
+        nothing, which scales with the data, so that the fit does not depend
+        on the data's units.
     learn_noise_variance : bool, default=True
         Learn ``sigma^2 = floor + exp(s)``; the floor is ``1e-6`` times the
-        mean feature variance of the training data."""
+        mean feature variance of the training data (with ``"diagonal"``,
+        each feature's own variance)."""
 
 #: Documentation of the parameters of the training loop, inserted where a
 #: subclass docstring says ``{shared_parameters}``.
@@ -267,6 +277,7 @@ class BaseNonlinearICA(
         "hidden_layer_sizes": ["array-like"],
         "activation": [StrOptions(set(ACTIVATIONS))],
         "output_activation": [StrOptions(set(ACTIVATIONS))],
+        "noise": [StrOptions({"isotropic", "diagonal"})],
         "noise_variance": [Interval(Real, 0, None, closed="neither"), None],
         "learn_noise_variance": ["boolean"],
         "solver": [StrOptions({"adam", "sgd"})],
@@ -294,6 +305,7 @@ class BaseNonlinearICA(
         hidden_layer_sizes=(64,),
         activation="relu",
         output_activation="identity",
+        noise="isotropic",
         noise_variance=None,
         learn_noise_variance=True,
         solver="adam",
@@ -317,6 +329,7 @@ class BaseNonlinearICA(
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.output_activation = output_activation
+        self.noise = noise
         self.noise_variance = noise_variance
         self.learn_noise_variance = learn_noise_variance
         self.solver = solver
@@ -353,6 +366,7 @@ class BaseNonlinearICA(
         "hidden_layer_sizes",
         "activation",
         "output_activation",
+        "noise",
         "learn_noise_variance",
     )
 
@@ -529,7 +543,8 @@ class BaseNonlinearICA(
         )
 
     def _build_noise(self, noise_variance, scale, *, dtype, device):
-        """A fresh global noise variance, its floor relative to ``scale``."""
+        """A fresh noise variance, its floor relative to ``scale``: scalars, or
+        one value per feature with ``noise="diagonal"``."""
         return NoiseVariance(
             noise_variance,
             learn=self.learn_noise_variance,
@@ -639,7 +654,9 @@ class BaseNonlinearICA(
             entries_before=entries_before,
         )
         variance = mean_feature_variance(data) / units.scale**2
-        noise_start = None if resume else self._noise_start(units, variance)
+        # The noise scale in standard units: per feature with "diagonal".
+        noise_scale = self._noise_scale(data, units, variance)
+        noise_start = None if resume else self._noise_start(units, noise_scale)
         runs: list[TrainingRun] = []
         for _ in range(1 if resume or incremental else self.n_init):
             generator = self._seed(rng, PARTIAL_FIT_SEED_STRIDE * entries_before)
@@ -651,7 +668,7 @@ class BaseNonlinearICA(
                 model = self._build_model(
                     X.shape[1],
                     noise_variance=noise_start,
-                    scale=variance,
+                    scale=noise_scale,
                     generator=generator,
                     **build,
                 )
@@ -685,21 +702,32 @@ class BaseNonlinearICA(
         )
         return self
 
-    def _noise_start(self, units, variance: float) -> float:
+    def _noise_scale(self, data, units, variance: float):
+        """The data's variance in standard units: its mean over features, or,
+        with ``noise="diagonal"``, each feature's (the mean for constant
+        ones, so that no floor is zero)."""
+        if self.noise == "isotropic":
+            return variance
+        per_feature = data.var(dim=0, unbiased=False) / units.scale**2
+        return torch.where(per_feature > 0, per_feature, variance)
+
+    def _noise_start(self, units, scale):
         """The initial (or fixed) noise variance, in standard units.
 
-        ``noise_variance=None`` starts at the data's mean feature variance,
-        the noise of a model that explains nothing, from which it descends as
-        the decoder learns; a start that depends on the data only through
-        their shape, so it is the same in any units.  Measured against the
-        PPCA residual variance as the start (closer to the optimum): the same
-        held-out gap at sigma^2 = 1 (MLE 0.033 against 0.036, VAE 0.037
-        against 0.043) and a better one at sigma^2 = 0.04 (VAE 0.146 against
-        0.191), as a random decoder with a small noise variance starts badly.
+        ``noise_variance=None`` starts at the data's variance ``scale`` (mean
+        feature variance, or each feature's), the noise of a model that
+        explains nothing, from which it descends as the decoder learns; a
+        start that depends on the data only through their shape, so it is the
+        same in any units.  Measured against the PPCA residual variance as
+        the start (closer to the optimum): the same held-out gap at sigma^2 =
+        1 (MLE 0.033 against 0.036, VAE 0.037 against 0.043) and a better one
+        at sigma^2 = 0.04 (VAE 0.146 against 0.191), as a random decoder with
+        a small noise variance starts badly.
         """
-        if self.noise_variance is not None:
-            return float(self.noise_variance) / units.scale**2
-        return variance
+        if self.noise_variance is None:
+            return scale
+        start = float(self.noise_variance) / units.scale**2
+        return start if self.noise == "isotropic" else torch.full_like(scale, start)
 
     def _finish(
         self, best: TrainingRun, runs, *, incremental, resume, units, baseline
@@ -783,7 +811,10 @@ class BaseNonlinearICA(
     def _store_fitted(self, model) -> None:
         for part in self._model_class.parts:
             setattr(self, f"{part}_", getattr(model, part).cpu().eval())
-        self.noise_variance_ = float(model.noise().detach())
+        variance = model.noise().detach()
+        self.noise_variance_ = (
+            float(variance) if variance.ndim == 0 else variance.double().numpy()
+        )
         self._store_extra(model)
 
     # ------------------------------------------------------------ inference
@@ -884,12 +915,14 @@ class BaseNonlinearICA(
         Z = rng.standard_normal((n_samples, self._fitted_n_components))
         noise = rng.standard_normal((n_samples, self.n_features_in_))
         mean, variance = self._sample_mean_and_variance(Z)
-        X = mean + np.sqrt(variance)[:, None] * noise
+        X = mean + np.sqrt(variance) * noise
         return (X, Z) if return_latent else X
 
     def _sample_mean_and_variance(self, Z: np.ndarray):
-        """Decoder mean and per-row observation-noise variance at latents ``Z``."""
-        return self._decode(Z), np.full(Z.shape[0], self.noise_variance_)
+        """Decoder mean at latents ``Z`` and the noise variance, broadcastable
+        to it: ``(1, 1)``, one per feature ``(1, n)`` or one per row
+        ``(n_samples, 1)``."""
+        return self._decode(Z), np.reshape(self.noise_variance_, (1, -1))
 
     def _inference_model(self, dtype: torch.dtype) -> torch.nn.Module:
         """The fitted model in ``dtype``, copied when that differs (``Module.to``
@@ -957,7 +990,7 @@ def _gaussian_baseline(validation, units, n_features: int, variance: float) -> f
     if validation is None:
         return -0.5 * n_features * (math.log(2 * math.pi * variance) + 1.0)
     mean = units.standard_mean.to(validation.dtype)
-    density = isotropic_log_density(validation, mean, validation.new_tensor(variance))
+    density = gaussian_log_density(validation, mean, validation.new_tensor(variance))
     return float(density.mean())
 
 

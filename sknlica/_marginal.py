@@ -35,7 +35,7 @@ def _infer_n_components(decoder: Callable) -> int | None:
     {
         "X": ["array-like"],
         "decoder": [callable],
-        "noise_variance": [Interval(Real, 0, None, closed="neither")],
+        "noise_variance": [Interval(Real, 0, None, closed="neither"), "array-like"],
         "n_components": [Interval(Integral, 1, None, closed="left"), None],
         "integration": [StrOptions({"auto", "adaptive", *RULES})],
         "n_nodes": [Interval(Integral, 1, None, closed="left")],
@@ -55,7 +55,7 @@ def marginal_log_likelihood(
     grid_half_width: float | None = None,
     random_state=0,
 ) -> np.ndarray:
-    """Per-row ``log p(x)`` for ``z ~ N(0, I)``, ``x | z ~ N(decoder(z), s2 I)``.
+    """Per-row ``log p(x)`` for ``z ~ N(0, I)``, ``x | z ~ N(decoder(z), s2)``.
 
     Computed in log space, ``log p(x_i) = logsumexp_j [log w_j + log
     phi(x_i; decoder(z_j), s2 I)]``, with one node set shared by all rows (so
@@ -71,8 +71,10 @@ def marginal_log_likelihood(
         n_features)`` tensor (or array) of means: a ``torch.nn.Module``, a
         fitted estimator's ``decoder_``, or the ``mixing`` returned by
         :func:`sknlica.datasets.make_nonlinear_ica` with ``return_mixing=True``.
-    noise_variance : float
-        The observation noise variance ``sigma^2``.
+    noise_variance : float or array-like of shape (n_features,)
+        The observation noise variance ``sigma^2``, or one variance per
+        feature (a fitted ``NonlinearICAMLE(noise="diagonal")``'s
+        ``noise_variance_``).
     n_components : int, default=None
         Latent dimension; inferred from ``decoder.n_components`` or the first
         ``nn.Linear`` layer when omitted.
@@ -143,7 +145,7 @@ def marginal_log_likelihood(
         half_width=grid_half_width,
     )
     x = torch.tensor(np.ascontiguousarray(X), dtype=torch.float64)
-    s2 = torch.tensor(float(noise_variance), dtype=torch.float64)
+    s2 = _noise_tensor(noise_variance, X.shape[1])
     with torch.no_grad():
         g = decode_nodes(decoder, nodes)
         if g.ndim != 2 or g.shape != (nodes.shape[0], X.shape[1]):
@@ -164,6 +166,23 @@ def marginal_log_likelihood(
         ess_threshold=math.inf,
         generator=generator,
     ).log_marginal.numpy()
+
+
+def _noise_tensor(noise_variance, n_features: int) -> torch.Tensor:
+    """``noise_variance`` as a float64 tensor, checked: a positive scalar or
+    ``n_features`` positive values."""
+    value = np.asarray(noise_variance, dtype=np.float64)
+    if value.ndim > 1 or (value.ndim == 1 and value.shape != (n_features,)):
+        raise ValueError(
+            f"noise_variance should be a float or an array of shape "
+            f"({n_features},), one variance per feature of X; got shape "
+            f"{value.shape}."
+        )
+    if not np.all(np.isfinite(value) & (value > 0)):
+        raise ValueError(
+            f"noise_variance should be positive and finite, got {noise_variance!r}."
+        )
+    return torch.from_numpy(value.copy())
 
 
 def _float64_decoder(decoder: Callable) -> Callable:

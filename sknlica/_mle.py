@@ -93,13 +93,14 @@ class NonlinearICAMLE(BaseNonlinearICA):
     ----------
     decoder_ : torch.nn.Module
         The fitted decoder ``g`` (on the CPU).
-    noise_variance_ : float
-        Fitted ``sigma^2``.
+    noise_variance_ : float or ndarray of shape (n_features,)
+        Fitted ``sigma^2``; one variance per feature with ``noise="diagonal"``.
     history_ : list of dict
         One dict per epoch: ``epoch``, ``train_objective`` and
         ``train_log_likelihood`` (the epoch's average training
         log-likelihood), ``validation_log_likelihood`` (when held out),
-        ``noise_variance`` and ``seconds`` since the fit started; with a
+        ``noise_variance`` (the mean over features with ``noise="diagonal"``)
+        and ``seconds`` since the fit started; with a
         validation split also ``low_ess_fraction`` (the fraction of
         validation rows whose posterior weights have a low effective sample
         size, on which ``"auto"`` decides) and

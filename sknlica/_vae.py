@@ -115,17 +115,19 @@ class NonlinearICAVAE(BaseNonlinearICA):
     noise_ : torch.nn.Module
         The fitted noise variance (a module; the variance head when
         ``amortized_variance=True``).
-    noise_variance_ : float
-        Fitted ``sigma^2``.  With ``amortized_variance=True``: the average of
-        the head ``s^2(z)`` at the encoder means of (up to 500 evenly spaced)
-        training rows.
+    noise_variance_ : float or ndarray of shape (n_features,)
+        Fitted ``sigma^2``; one variance per feature with
+        ``noise="diagonal"``.  With ``amortized_variance=True``: the average
+        of the head ``s^2(z)`` at the encoder means of (up to 500 evenly
+        spaced) training rows.
     history_ : list of dict
         One dict per epoch: ``epoch``; ``train_objective`` (the epoch's
         average training objective, with the current KL weight);
         ``train_log_likelihood`` and ``train_elbo`` (estimated on up to 500
         evenly spaced training rows with 64 fixed draws);
         ``validation_log_likelihood`` and ``validation_elbo`` (when held out,
-        same draws); ``noise_variance``; ``seconds`` since the fit started.
+        same draws); ``noise_variance`` (the mean over features with
+        ``noise="diagonal"``); ``seconds`` since the fit started.
         Everything but ``train_objective`` is of the averaged parameters
         (``ema_decay``).
     {shared_attributes}
@@ -243,6 +245,13 @@ class NonlinearICAVAE(BaseNonlinearICA):
                 "n_importance_samples >= 2 for its leave-one-out baseline, got "
                 f"n_importance_samples={self.n_importance_samples}. Increase it "
                 "or use gradient_estimator='reparameterization'."
+            )
+        if self.amortized_variance and self.noise == "diagonal":
+            raise ValueError(
+                "amortized_variance=True gives every latent its own isotropic "
+                "noise variance, which noise='diagonal' (one variance per "
+                "feature) contradicts. Set noise='isotropic' or "
+                "amortized_variance=False."
             )
         if self.amortized_variance and not self.learn_noise_variance:
             raise ValueError(

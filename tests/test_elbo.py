@@ -70,13 +70,13 @@ class RandomModel:
         if self.head is None:
             return g, self.noise_variance
         # Variance between 0.5 and ~1.5 that depends smoothly on z.
-        return g, 0.5 + torch.sigmoid(self.head(z).squeeze(-1))
+        return g, 0.5 + torch.sigmoid(self.head(z))  # (..., 1): one per row
 
     def quadrature_log_px(self, x, nodes_per_axis=100):
         nodes, log_weights = prior_rule("gauss_hermite", self.m, nodes_per_axis**self.m)
         with torch.no_grad():
             g, variance = self.decode(nodes)
-            log_lik = gaussian.isotropic_log_density(x[:, None, :], g[None], variance)
+            log_lik = gaussian.gaussian_log_density(x[:, None, :], g[None], variance)
         return torch.logsumexp(log_lik + log_weights, 1)
 
 
@@ -123,7 +123,7 @@ def test_bounds_are_ordered_in_expectation_up_to_log_px(model, seed):
             (4000, *model.mean.shape), generator=_generator(seed), dtype=F64
         )
         z = gaussian.reparameterize(model.mean, model.log_var, eps)
-        log_lik = gaussian.isotropic_log_density(x, *model.decode(z))
+        log_lik = gaussian.gaussian_log_density(x, *model.decode(z))
     kl = gaussian.kl_to_standard_normal(model.mean, model.log_var)
     elbo_mean, elbo_se = _mean_and_se(log_lik - kl)
     # With the analytic KL the ELBO is exactly E[IWAE_1].
@@ -249,15 +249,15 @@ def _elbo_gradients(model, n_draws, estimator, seed, n_replicates=20000):
     z = gaussian.reparameterize(mean, log_var, eps)
     kl = gaussian.kl_to_standard_normal(mean, log_var)
     if estimator == "reparameterization":
-        log_lik = gaussian.isotropic_log_density(x, *model.decode(z))
+        log_lik = gaussian.gaussian_log_density(x, *model.decode(z))
         return _gradients(elbo.sgvb_elbo(log_lik, kl), mean, log_var)
     z = z.detach()
-    log_lik = gaussian.isotropic_log_density(x, *model.decode(z))
+    log_lik = gaussian.gaussian_log_density(x, *model.decode(z))
     log_q = gaussian.diagonal_normal_log_density(z, mean, log_var)
     if n_draws >= 2:
         baseline = elbo.leave_one_out_baseline(log_lik)
     else:
-        baseline = gaussian.isotropic_log_density(x, *model.decode(mean)).detach()
+        baseline = gaussian.gaussian_log_density(x, *model.decode(mean)).detach()
     objective = elbo.score_function_elbo(log_lik, log_q, kl, baseline)
     return _gradients(objective, mean, log_var)
 

@@ -12,11 +12,13 @@ ESTIMATORS = [
     NonlinearICAMLE(**SMALL),
     NonlinearICAMLE(**SMALL, gradient="analytic", integration="gauss_hermite"),
     NonlinearICAMLE(**SMALL, solver="sgd", early_stopping=False, integration="grid"),
+    NonlinearICAMLE(**SMALL, noise="diagonal", gradient="analytic"),
     NonlinearICAVAE(**SMALL_VAE),
     NonlinearICAVAE(**SMALL_VAE, objective="elbo", kl_warmup_epochs=2),
     NonlinearICAVAE(**SMALL_VAE, gradient_estimator="score_function"),
     NonlinearICAVAE(**SMALL_VAE, training="alternating", solver="sgd"),
     NonlinearICAVAE(**SMALL_VAE, amortized_variance=True, early_stopping=False),
+    NonlinearICAVAE(**SMALL_VAE, noise="diagonal"),
 ]
 
 

@@ -79,13 +79,23 @@ def test_densities_match_scipy():
     x, mean = rng.normal(size=(2, 5, 4))
     log_var = rng.normal(size=(5, 4))
     variance = np.exp(rng.normal(size=5))
-    got = gaussian.isotropic_log_density(
-        torch.tensor(x), torch.tensor(mean), torch.tensor(variance)
+    # One variance per row: a trailing axis of length 1.
+    got = gaussian.gaussian_log_density(
+        torch.tensor(x), torch.tensor(mean), torch.tensor(variance)[:, None]
     )
     expected = [
         stats.multivariate_normal(mean[i], variance[i] * np.eye(4)).logpdf(x[i])
         for i in range(5)
     ]
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+    # One variance per feature: shape (n,).
+    per_feature = np.exp(rng.normal(size=4))
+    got = gaussian.gaussian_log_density(
+        torch.tensor(x), torch.tensor(mean), torch.tensor(per_feature)
+    )
+    expected = stats.multivariate_normal(np.zeros(4), np.diag(per_feature)).logpdf(
+        x - mean
+    )
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
     got = gaussian.diagonal_normal_log_density(
         torch.tensor(x), torch.tensor(mean), torch.tensor(log_var)
@@ -100,7 +110,7 @@ def test_isotropic_density_takes_a_scalar_variance_and_any_batch_shape():
     gen = _generator(1)
     x, mean = randn(gen, 3, 7, 4), randn(gen, 3, 7, 4)
     variance = torch.tensor(0.4, dtype=F64)
-    got = gaussian.isotropic_log_density(x, mean, variance)
+    got = gaussian.gaussian_log_density(x, mean, variance)
     assert got.shape == (3, 7)
     expected = torch.distributions.Normal(mean, variance.sqrt()).log_prob(x).sum(-1)
     torch.testing.assert_close(got, expected, rtol=DENSITY_RTOL, atol=DENSITY_ATOL)
@@ -421,3 +431,56 @@ def test_pairwise_log_joint_overflow_is_minus_infinity_not_nan():
     cross, row = gaussian.pairwise_log_joint_parts(x, g, log_weights, torch.tensor(1.0))
     # The node terms alone stay finite: the posterior weights need nothing else.
     assert torch.all(torch.isfinite(cross)) and torch.isinf(row[0, 0])
+
+
+# ------------------------------------------------- one variance per feature
+def test_pairwise_forms_with_one_variance_per_feature_match_scipy():
+    rng = np.random.default_rng(5)
+    x, g = rng.normal(size=(6, 4)) + 3.0, rng.normal(size=(5, 4)) + 3.0
+    psi = np.exp(rng.normal(size=4))
+    log_weights = np.log(rng.dirichlet(np.ones(5)))
+    expected = np.array(
+        [
+            [stats.multivariate_normal(gj, np.diag(psi)).logpdf(xi) for gj in g]
+            for xi in x
+        ]
+    )
+    t = {k: torch.tensor(v) for k, v in dict(x=x, g=g, psi=psi, w=log_weights).items()}
+    centre = torch.full((4,), 3.0, dtype=F64)
+    density = gaussian.pairwise_log_density(t["x"], t["g"], t["psi"], centre)
+    np.testing.assert_allclose(density.numpy(), expected, rtol=1e-12)
+    joint = gaussian.pairwise_log_joint(t["x"], t["g"], t["w"], t["psi"], centre)
+    np.testing.assert_allclose(joint.numpy(), expected + log_weights, rtol=1e-12)
+    # A single variance given per feature is the isotropic case.
+    same = torch.full((4,), 0.7, dtype=F64)
+    torch.testing.assert_close(
+        gaussian.pairwise_log_joint(t["x"], t["g"], t["w"], same, centre),
+        gaussian.pairwise_log_joint(
+            t["x"], t["g"], t["w"], torch.tensor(0.7, dtype=F64), centre
+        ),
+    )
+
+
+def test_latent_log_joint_with_one_variance_per_feature():
+    rng = np.random.default_rng(6)
+    a, b = rng.normal(size=(3, 2)), rng.normal(size=3)
+    psi = np.exp(rng.normal(size=3))
+    x, z = rng.normal(size=(4, 3)), rng.normal(size=(4, 5, 2))
+
+    def decoder(latents):
+        return latents @ torch.tensor(a).T + torch.tensor(b)
+
+    got = gaussian.latent_log_joint(
+        torch.tensor(x), torch.tensor(z), decoder, torch.tensor(psi)
+    )
+    expected = np.array(
+        [
+            [
+                stats.multivariate_normal(a @ zk + b, np.diag(psi)).logpdf(x[i])
+                + stats.multivariate_normal(np.zeros(2), np.eye(2)).logpdf(zk)
+                for zk in z[i]
+            ]
+            for i in range(4)
+        ]
+    )
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)

@@ -139,3 +139,28 @@ def test_grid_half_width_is_passed_to_the_grid():
         torch.tensor(1.0, dtype=torch.float64),
     )
     np.testing.assert_allclose(report, expected.numpy(), rtol=1e-12)
+
+
+def test_one_noise_variance_per_feature():
+    X, _, mixing = make_nonlinear_ica(50, 2, 5, random_state=0, return_mixing=True)
+    psi = np.array([0.3, 0.5, 1.0, 1.5, 2.0])
+    got = marginal_log_likelihood(X, mixing, psi, n_nodes=300**2)
+    # Oracle: a dense grid by hand, with scipy's diagonal normal.
+    nodes, log_weights = grid_rule(2, 300**2, half_width=8.0)
+    g = mixing(nodes).numpy()
+    from scipy.special import logsumexp
+    from scipy.stats import norm
+
+    log_phi = norm.logpdf(X[:, None, :], g[None], np.sqrt(psi)).sum(-1)
+    expected = logsumexp(log_phi + log_weights.numpy(), axis=1)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    # The same variance for every feature is the scalar case.
+    np.testing.assert_allclose(
+        marginal_log_likelihood(X, mixing, np.full(5, 0.7)),
+        marginal_log_likelihood(X, mixing, 0.7),
+        rtol=1e-12,
+    )
+    with pytest.raises(ValueError, match="shape .5,."):
+        marginal_log_likelihood(X, mixing, np.ones(3))
+    with pytest.raises(ValueError, match="positive"):
+        marginal_log_likelihood(X, mixing, -np.ones(5))

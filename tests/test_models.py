@@ -146,12 +146,10 @@ def test_decode_with_a_head_returns_a_variance_per_latent():
     g, variance = model.decode(z)
     # The mean is the whole decoder's; the head reads its last hidden layer.
     torch.testing.assert_close(g, model.decoder(z), rtol=0, atol=0)
-    assert variance.shape == (4, 9)
+    assert variance.shape == (4, 9, 1)  # one per latent, trailing axis kept
     head = model.noise
     h = torch.tanh(model.decoder[0](z))  # decoder = Linear, tanh, Linear, identity
-    expected = head.floor + torch.exp(
-        soft_clamp(head.linear(h).squeeze(-1), head.low, head.high)
-    )
+    expected = head.floor + torch.exp(soft_clamp(head.linear(h), head.low, head.high))
     torch.testing.assert_close(variance, expected, rtol=1e-14, atol=0)
     assert torch.all(variance > head.floor)
     # It depends on z: different latents, different variances.
@@ -164,9 +162,7 @@ def test_decode_with_a_head_without_hidden_layers_reads_z():
     z = torch.randn(7, 2, generator=_generator(2), dtype=F64)
     _, variance = model.decode(z)
     head = model.noise
-    expected = head.floor + torch.exp(
-        soft_clamp(head.linear(z).squeeze(-1), head.low, head.high)
-    )
+    expected = head.floor + torch.exp(soft_clamp(head.linear(z), head.low, head.high))
     torch.testing.assert_close(variance, expected, rtol=1e-14, atol=0)
 
 

@@ -157,7 +157,9 @@ def test_learned_noise_variance_is_floor_plus_exp(dtype):
     noise = NoiseVariance(0.7, learn=True, floor=1e-3, dtype=dtype)
     (raw,) = noise.parameters()
     assert raw is noise.raw and raw.requires_grad and raw.dtype == dtype
-    assert list(noise.buffers()) == []
+    # The floor is a buffer, so that it follows the module's dtype and device.
+    (floor,) = noise.buffers()
+    assert floor is noise.floor and float(floor) == pytest.approx(1e-3)
     # Starts at the initial value ...
     assert float(noise().detach()) == pytest.approx(0.7, rel=1e-6)
     # ... is floor + exp(raw) ...
@@ -185,10 +187,9 @@ def test_learned_noise_variance_below_the_floor_starts_above_it():
 def test_fixed_noise_variance_is_a_buffer_without_parameters():
     noise = NoiseVariance(0.7, learn=False, floor=1e-3)
     assert list(noise.parameters()) == []
-    (buffer,) = noise.buffers()
-    assert not buffer.requires_grad
+    assert not noise.raw.requires_grad
     # The value itself, without a floor.
-    assert noise.floor == 0.0
+    assert float(noise.floor) == 0.0
     assert float(noise()) == 0.7
     assert "raw" in noise.state_dict()
     tiny = NoiseVariance(1e-9, learn=False, floor=1e-3)
@@ -283,3 +284,16 @@ def test_activations_are_module_classes():
         x = torch.linspace(-2, 2, 9, dtype=F64)
         assert layer(x).shape == x.shape
     assert torch.equal(networks.ACTIVATIONS["identity"]()(torch.ones(2)), torch.ones(2))
+
+
+def test_noise_variance_per_feature():
+    initial = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    noise = NoiseVariance(initial, learn=True, floor=initial * 1e-3)
+    assert noise().shape == (3,)
+    torch.testing.assert_close(noise().detach(), initial)
+    with torch.no_grad():
+        noise.raw.fill_(-1e4)
+    torch.testing.assert_close(noise().detach(), initial * 1e-3)
+    fixed = NoiseVariance(initial, learn=False, floor=0.0)
+    torch.testing.assert_close(fixed(), initial)
+    assert list(fixed.parameters()) == []

@@ -117,9 +117,12 @@ def decoder_jacobian(
 
 
 def gauss_newton_precision(jacobian: torch.Tensor, noise_variance) -> torch.Tensor:
-    """``J^T J / sigma^2 + I``: positive definite whatever ``J`` is."""
+    """``J^T Psi^{-1} J + I``: positive definite whatever ``J`` is.
+
+    ``noise_variance`` is a scalar ``sigma^2`` or one variance per feature.
+    """
     eye = torch.eye(jacobian.shape[-1], dtype=jacobian.dtype, device=jacobian.device)
-    return jacobian.transpose(1, 2) @ jacobian / noise_variance + eye
+    return jacobian.transpose(1, 2) @ (jacobian / noise_variance[..., None]) + eye
 
 
 @torch.no_grad()
@@ -191,7 +194,7 @@ def find_mode(
     rows = torch.arange(z.shape[0], device=z.device)
     for _ in range(n_steps):
         g, jacobian = decoder_jacobian(decoder, z)
-        gradient = torch.einsum("bnm,bn->bm", jacobian, x - g) / noise_variance - z
+        gradient = torch.einsum("bnm,bn->bm", jacobian, (x - g) / noise_variance) - z
         precision = gauss_newton_precision(jacobian, noise_variance)
         step = torch.linalg.solve(precision, gradient)
         candidates = z[:, None, :] + fractions[None, :, None] * step[:, None, :]

@@ -13,9 +13,10 @@ are ``log w_k = log p(x | z_k) + log p(z_k) - log q(z_k | x)``, and
   importance-sampling estimate of ``log p(x)`` itself.
 
 A ``decode`` callable maps latents of shape ``(..., m)`` to ``(mean,
-variance)``: ``mean`` of shape ``(..., n)`` and ``variance`` either a scalar
-tensor (one ``sigma^2`` for all rows) or of the batch shape ``(...)`` (the
-report's head ``log s^2 = W_2 h + b_2``).  Shapes below: ``x`` is ``(B, n)``,
+variance)``: ``mean`` of shape ``(..., n)`` and ``variance`` a scalar tensor
+(one ``sigma^2`` for all rows), one variance per feature ``(n,)``, or of shape
+``(..., 1)`` (the report's head ``log s^2 = W_2 h + b_2``); see
+``gaussian.gaussian_log_density``.  Shapes below: ``x`` is ``(B, n)``,
 ``mean``/``log_var`` ``(B, m)``, draws ``eps`` ``(K, B, m)`` (fresh per row in
 training) or ``(K, m)`` (shared by all rows at evaluation), weights ``(K, B)``.
 
@@ -32,7 +33,7 @@ import torch
 from sknlica._torch.chunks import IMPORTANCE_ELEMENTS
 from sknlica._torch.gaussian import (
     diagonal_normal_log_density,
-    isotropic_log_density,
+    gaussian_log_density,
     kl_to_standard_normal,
     reparameterize,
     standard_normal_log_density,
@@ -57,7 +58,7 @@ def log_importance_weights(
     Returns ``(log_w, log_likelihood, log_q)``, each of shape ``(K, B)``.
     """
     g, variance = decode(z)
-    log_likelihood = isotropic_log_density(x, g, variance)
+    log_likelihood = gaussian_log_density(x, g, variance)
     log_q = diagonal_normal_log_density(z, mean, log_var)
     log_w = log_likelihood + prior_weight * (standard_normal_log_density(z) - log_q)
     return log_w, log_likelihood, log_q

@@ -34,15 +34,36 @@ def isotropic_log_density_from_squared(
     return -0.5 * (n_features * torch.log(2 * math.pi * variance) + squared / variance)
 
 
-def isotropic_log_density(
+def gaussian_log_density(
     x: torch.Tensor, mean: torch.Tensor, variance: torch.Tensor
 ) -> torch.Tensor:
-    """``log N(x; mean, variance I)`` summed over the last axis.
+    """``log N(x; mean, diag(variance))`` summed over the last axis.
 
-    ``variance`` is a scalar tensor or has the batch shape of ``mean[..., 0]``.
+    ``variance`` is a scalar tensor (isotropic noise), has shape ``(n,)``
+    (one variance per feature: ``noise="diagonal"``), or has the batch shape
+    of ``mean`` with a trailing axis of length 1 (one variance per row: the
+    VAE's amortised head).
     """
-    squared = (x - mean).square().sum(-1)
-    return isotropic_log_density_from_squared(squared, variance, x.shape[-1])
+    residual = (x - mean).square()
+    n_features = x.shape[-1]
+    if _per_feature(variance, n_features):
+        log_normaliser = torch.log(2 * math.pi * variance).sum()
+        return -0.5 * (log_normaliser + (residual / variance).sum(-1))
+    if variance.ndim:
+        variance = variance[..., 0]
+    return isotropic_log_density_from_squared(residual.sum(-1), variance, n_features)
+
+
+def _per_feature(variance: torch.Tensor, n_features: int) -> bool:
+    """Whether ``variance`` holds one noise variance per feature."""
+    return variance.ndim == 1 and variance.shape[0] == n_features and n_features > 1
+
+
+def noise_log_normaliser(noise_variance: torch.Tensor, n_features: int):
+    """``sum_k log(2 pi psi_k)``: ``n log(2 pi s2)`` for a scalar variance."""
+    if _per_feature(noise_variance, n_features):
+        return torch.log(2 * math.pi * noise_variance).sum()
+    return n_features * torch.log(2 * math.pi * noise_variance)
 
 
 def standard_normal_log_density(z: torch.Tensor) -> torch.Tensor:
@@ -82,7 +103,7 @@ def latent_log_joint(
     """
     rows, n_nodes, n_components = z.shape
     g = decoder(z.reshape(rows * n_nodes, n_components)).reshape(rows, n_nodes, -1)
-    return isotropic_log_density(
+    return gaussian_log_density(
         x[:, None, :], g, noise_variance
     ) + standard_normal_log_density(z)
 
@@ -137,16 +158,37 @@ def squared_distances(
     return sq.clamp_min(0.0)
 
 
+def whitened(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    noise_variance: torch.Tensor,
+    centre: torch.Tensor | None,
+):
+    """``x`` and ``g`` centred, in units of the noise, and what remains.
+
+    Returns ``(x, g, inverse_variance, log_normaliser)`` such that ``log
+    N(x_i; g_j, noise) = -(log_normaliser + ||x_i - g_j||^2 inverse_variance)
+    / 2``: a scalar noise variance is kept as a factor (one multiplication of
+    the product); per-feature variances ``(n,)`` are divided out of the
+    features, leaving unit variance.
+    """
+    x, g = centred(x, g, centre)
+    log_normaliser = noise_log_normaliser(noise_variance, x.shape[1])
+    if _per_feature(noise_variance, x.shape[1]):
+        inverse_sd = torch.rsqrt(noise_variance)
+        return x * inverse_sd, g * inverse_sd, 1.0, log_normaliser
+    return x, g, 1.0 / noise_variance, log_normaliser
+
+
 def pairwise_log_density(
     x: torch.Tensor,
     g: torch.Tensor,
     noise_variance: torch.Tensor,
     centre: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``log N(x_i; g_j, s2 I)`` for all pairs, shape ``(B, K)``."""
-    return isotropic_log_density_from_squared(
-        squared_distances(x, g, centre), noise_variance, x.shape[1]
-    )
+    """``log N(x_i; g_j, noise)`` for all pairs, shape ``(B, K)``."""
+    x, g, inverse_variance, log_normaliser = whitened(x, g, noise_variance, centre)
+    return -0.5 * (log_normaliser + squared_distances(x, g) * inverse_variance)
 
 
 def pairwise_log_joint_parts(
@@ -159,8 +201,8 @@ def pairwise_log_joint_parts(
     """:func:`pairwise_log_joint` as ``(node and cross terms, row terms)``.
 
     ``x`` is ``(B, n)``, ``g`` the decoded nodes ``(K, n)``, ``log_weights``
-    ``(K,)``, ``noise_variance`` a scalar tensor and ``centre`` ``(n,)`` or
-    ``None``.
+    ``(K,)``, ``noise_variance`` a scalar tensor or one variance per feature
+    ``(n,)``, and ``centre`` ``(n,)`` or ``None``.
 
     The log-joint is the first minus the second, ``(B, K) - (B, 1)``.  The
     row terms ``||x_i||^2 / (2 s2)`` do not depend on the node, so the first
@@ -168,13 +210,12 @@ def pairwise_log_joint_parts(
     away that its row term overflows.  Fused into one ``addmm``: the node
     terms ``log w_j - n/2 log(2 pi s2) - ||g_j||^2 / (2 s2)`` form the bias
     row and ``x.g / s2`` the product, so the ``B x K`` matrix is written once
-    or twice instead of about eight times.
+    or twice instead of about eight times.  Per-feature variances are
+    divided out of ``x`` and ``g`` first (:func:`whitened`).
     """
-    x, g = centred(x, g, centre)
-    inverse_variance = 1.0 / noise_variance
+    x, g, inverse_variance, log_normaliser = whitened(x, g, noise_variance, centre)
     node_terms = log_weights - 0.5 * (
-        x.shape[1] * torch.log(2 * math.pi * noise_variance)
-        + (g * g).sum(1) * inverse_variance
+        log_normaliser + (g * g).sum(1) * inverse_variance
     )
     row_terms = (0.5 * inverse_variance) * (x * x).sum(1, keepdim=True)
     return torch.addmm(node_terms, x * inverse_variance, g.T), row_terms

@@ -22,10 +22,9 @@ from sknlica._torch.chunks import PAIRWISE_ELEMENTS, chunk_rows
 from sknlica._torch.gaussian import (
     centred,
     effective_sample_size,
-    isotropic_log_density_from_squared,
+    pairwise_log_density,
     pairwise_log_joint,
     pairwise_log_joint_parts,
-    squared_distances,
 )
 
 
@@ -38,64 +37,63 @@ def log_marginal_autograd(x, g, log_weights, noise_variance, centre=None):
     return torch.logsumexp(joint, 1)
 
 
-def _log_joint_from_distances(sq, log_weights, noise_variance, n_features):
-    """``log w_j + log phi_ij`` from the squared distances ``sq`` (``B x K``)."""
-    return log_weights + isotropic_log_density_from_squared(
-        sq, noise_variance, n_features
-    )
-
-
 class _LogMarginalAnalytic(torch.autograd.Function):
     """Per-row ``log p(x_i)`` with the report's section 3.1 gradients.
 
-    With posterior weights ``W_ij = softmax_j(log w_j + log phi_ij)``:
+    With posterior weights ``W_ij = softmax_j(log w_j + log phi_ij)`` and the
+    noise variance ``psi`` (a scalar, or one per feature), featurewise:
 
-    * ``d/dg_j   = sum_i W_ij (x_i - g_j) / sigma^2``  (then one VJP through g),
-    * ``d/dsigma^2 = sum_ij W_ij (-n + ||x_i - g_j||^2 / sigma^2) / (2 sigma^2)``,
-    * ``d/dx_i   = sum_j W_ij (g_j - x_i) / sigma^2``,
+    * ``d/dg_j   = sum_i W_ij (x_i - g_j) / psi``  (then one VJP through g),
+    * ``d/dpsi_k = sum_ij W_ij ((x_ik - g_jk)^2 / psi_k - 1) / (2 psi_k)``,
+      summed over the features for a scalar ``psi``,
+    * ``d/dx_i   = sum_j W_ij (g_j - x_i) / psi``,
     * ``d/dlog w_j = sum_i W_ij``.
 
-    Each is weighted by the incoming per-row gradient.  Only the ``B x K``
-    squared distances and the row log-normalisers are saved for backward.
+    Each is weighted by the incoming per-row gradient; the squared residuals
+    are summed over rows and nodes by three products, never formed as a
+    ``B x K x n`` tensor.  The forward pass is the unfused expansion (not the
+    ``addmm`` of autograd's path); only the ``B x K`` log-joint is saved.
     """
 
     @staticmethod
     def forward(ctx, x, g, log_weights, noise_variance, centre):
-        sq = squared_distances(x, g, centre)
-        log_joint = _log_joint_from_distances(
-            sq, log_weights, noise_variance, x.shape[1]
-        )
+        log_joint = log_weights + pairwise_log_density(x, g, noise_variance, centre)
         log_marginal = torch.logsumexp(log_joint, dim=1)
-        ctx.save_for_backward(x, g, log_weights, noise_variance, sq, log_marginal)
+        ctx.save_for_backward(x, g, noise_variance, log_joint, log_marginal)
         ctx.centre = centre
         return log_marginal
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        x, g, log_weights, noise_variance, sq, log_marginal = ctx.saved_tensors
-        n_features = x.shape[1]
-        log_joint = _log_joint_from_distances(
-            sq, log_weights, noise_variance, n_features
-        )
+        x, g, noise_variance, log_joint, log_marginal = ctx.saved_tensors
         # Posterior weights scaled by the upstream gradient of each row.
         weighted = torch.exp(log_joint - log_marginal[:, None]) * grad_output[:, None]
         grad_x = grad_g = grad_log_weights = grad_noise_variance = None
         # Centre as in the forward pass: both gradients are differences x - g,
         # and uncentred products lose all float32 precision for large means.
         x, g = centred(x, g, ctx.centre)
+        weighted_g = weighted @ g
+        column_mass = weighted.sum(0)
         if ctx.needs_input_grad[0]:
-            grad_x = (weighted @ g - grad_output[:, None] * x) / noise_variance
+            grad_x = (weighted_g - grad_output[:, None] * x) / noise_variance
         if ctx.needs_input_grad[1]:
-            column_mass = weighted.sum(0)
             grad_g = (weighted.T @ x - column_mass[:, None] * g) / noise_variance
         if ctx.needs_input_grad[2]:
-            grad_log_weights = weighted.sum(0)
+            grad_log_weights = column_mass
         if ctx.needs_input_grad[3]:
-            grad_noise_variance = (
-                (weighted * (sq / noise_variance - n_features)).sum()
-                / (2 * noise_variance)
-            ).reshape(noise_variance.shape)
+            # sum_ij W_ij (x_ik - g_jk)^2, feature by feature.
+            residual = (
+                (grad_output[:, None] * x * x).sum(0)
+                - 2 * (x * weighted_g).sum(0)
+                + (column_mass[:, None] * g * g).sum(0)
+            )
+            per_feature = (residual / noise_variance - grad_output.sum()) / (
+                2 * noise_variance
+            )
+            if per_feature.shape != noise_variance.shape:
+                per_feature = per_feature.sum().reshape(noise_variance.shape)
+            grad_noise_variance = per_feature
         return grad_x, grad_g, grad_log_weights, grad_noise_variance, None
 
 

@@ -69,7 +69,9 @@ class AmortizedVariance(nn.Module):
     def forward(self, h: torch.Tensor | None = None) -> torch.Tensor:
         if h is None:
             return self.summary
-        log_var = soft_clamp(self.linear(h).squeeze(-1), self.low, self.high)
+        # (..., 1): a per-row variance keeps a trailing axis, so that it is
+        # never mistaken for per-feature variances (gaussian_log_density).
+        log_var = soft_clamp(self.linear(h), self.low, self.high)
         return self.floor + torch.exp(log_var)
 
 

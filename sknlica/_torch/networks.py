@@ -111,31 +111,35 @@ class GaussianHead(nn.Module):
 
 
 class NoiseVariance(nn.Module):
-    """The observation noise variance sigma^2, learned on the log scale or fixed.
+    """The observation noise variance, learned on the log scale or fixed.
 
-    Learned: ``sigma^2 = floor + exp(raw)`` so it stays above ``floor`` (which
-    keeps the likelihood bounded when the decoder interpolates a row exactly).
-    Fixed: a buffer holding ``sigma^2`` itself, no floor.
+    One variance for all features (a scalar) or one per feature (``initial``
+    and ``floor`` of shape ``(n,)``: the nonlinear analogue of factor
+    analysis).  Learned: ``variance = floor + exp(raw)`` so it stays above
+    ``floor`` (which keeps the likelihood bounded when the decoder
+    interpolates a row exactly).  Fixed: a buffer holding the variance
+    itself, no floor.
     """
 
     def __init__(
         self,
-        initial: float,
+        initial,
         *,
         learn: bool,
-        floor: float,
+        floor,
         dtype: torch.dtype = torch.float64,
         device: torch.device | str = "cpu",
     ) -> None:
         super().__init__()
         self.learn = learn
-        self.floor = float(floor) if learn else 0.0
-        value = torch.tensor(float(initial), dtype=dtype, device=device)
+        value = torch.as_tensor(initial, dtype=dtype).to(device)
+        floor = torch.as_tensor(floor, dtype=dtype).to(device) * float(learn)
+        self.register_buffer("floor", floor)
         if learn:
-            excess = max(float(initial) - self.floor, self.floor)
-            self.raw = nn.Parameter(torch.log(value.new_tensor(excess)))
+            excess = torch.maximum(value - floor, floor)
+            self.raw = nn.Parameter(torch.log(excess))
         else:
-            self.register_buffer("raw", value)
+            self.register_buffer("raw", value.clone())
 
     def forward(self) -> torch.Tensor:
         if self.learn:

@@ -135,7 +135,7 @@ def _input_linears(encoder: GaussianHead) -> list[nn.Linear]:
 
 def _map_noise(noise: nn.Module, factor: float, log_factor: float) -> None:
     if isinstance(noise, NoiseVariance):
-        noise.floor *= factor
+        noise.floor.mul_(factor)
         if noise.learn:
             noise.raw.add_(log_factor)
         else:

@@ -370,7 +370,8 @@ def train(
                 entry.update(
                     objective.epoch_scores(model, rows, validation, -train_loss)
                 )
-                entry["noise_variance"] = float(model.noise())
+                # The mean over features for per-feature variances.
+                entry["noise_variance"] = float(model.noise().mean())
                 score = entry[score_key]
                 if score > run.score:
                     best_state = copy.deepcopy(model.state_dict())

@@ -25,7 +25,7 @@ from sknlica._torch.elbo import (
 )
 from sknlica._torch.gaussian import (
     diagonal_normal_log_density,
-    isotropic_log_density,
+    gaussian_log_density,
     kl_to_standard_normal,
     reparameterize,
     standard_normal_draws,
@@ -114,7 +114,7 @@ def posterior_log_joint(model: VAEModel, x: torch.Tensor):
 
     def log_target(z):
         g, variance = model.decode(z)
-        log_likelihood = isotropic_log_density(x[:, None, :], g, variance)
+        log_likelihood = gaussian_log_density(x[:, None, :], g, variance)
         return log_likelihood + standard_normal_log_density(z)
 
     return log_target
@@ -194,7 +194,7 @@ class VAEObjective(Objective):
                 vimco_iwae(log_w, log_q) if self.score_function else iwae_bound(log_w)
             )
             return -bound.mean()
-        log_lik = isotropic_log_density(batch, *model.decode(z))
+        log_lik = gaussian_log_density(batch, *model.decode(z))
         kl = kl_to_standard_normal(mean, log_var)
         if not self.score_function:
             return -sgvb_elbo(log_lik, kl, beta=self.kl_weight).mean()
@@ -203,7 +203,7 @@ class VAEObjective(Objective):
             baseline = leave_one_out_baseline(log_lik)
         else:
             # A control variate independent of the draw: the encoder mean.
-            baseline = isotropic_log_density(batch, *model.decode(mean)).detach()
+            baseline = gaussian_log_density(batch, *model.decode(mean)).detach()
         elbo = score_function_elbo(log_lik, log_q, kl, baseline, beta=self.kl_weight)
         return -elbo.mean()
 
