@@ -27,9 +27,9 @@ $(VENV)/.extras-%: pyproject.toml $(VENV)/.torch
 
 comma := ,
 
-# The report's study, reduced (python -m sknlica.experiments for the full one).
+# A one-minute tour (python -m sknlica.experiments for the report's study).
 demo: $(VENV)/.extras-plot
-	$(PY) -m sknlica.experiments --quick --output sknlica_results
+	$(PY) -m sknlica.demo --output sknlica_results
 
 test: $(VENV)/.extras-test
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
