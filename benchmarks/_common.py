@@ -733,7 +733,7 @@ def mle_training_objects(x: torch.Tensor, *, seed: int = 0, **params):
     decoder = default_decoder(
         NonlinearICAMLE, n_features, generator=generator, dtype=x.dtype, **params
     )
-    noise = _noise(p, mean_feature_variance(x), x.dtype)
+    noise = _noise(p, mean_feature_variance(x.var(dim=0, unbiased=False)), x.dtype)
     model = MLEModel(decoder, noise)
     objective = make_mle_objective(
         p["integration"],
@@ -803,7 +803,7 @@ def vae_training_objects(x: torch.Tensor, *, seed: int = 0, **params):
     decoder = default_decoder(
         NonlinearICAVAE, n_features, generator=generator, dtype=x.dtype, **params
     )
-    noise = _noise(p, mean_feature_variance(x), x.dtype)
+    noise = _noise(p, mean_feature_variance(x.var(dim=0, unbiased=False)), x.dtype)
     model = VAEModel(encoder, decoder, noise)
     parts = [list(m.parameters()) for m in (encoder, decoder, noise)]
     if p["training"] == "alternating":

@@ -629,12 +629,15 @@ class BaseNonlinearICA(
         dtype = self._torch_dtype(X)
         build = {"dtype": dtype, "device": device}
         data = training_tensor(X, device)
+        # One pass over the data for the standardisation, the Gaussian
+        # baseline and the noise start (this chunk's, also on resume).
+        feature_variance = data.var(dim=0, unbiased=False)
         # Training runs in standard units, so that results do not depend on
         # the data's units (see sknlica/_torch/standardisation.py).
         units = (
             self._standardisation_
             if resume
-            else Standardisation.of(data, self.output_activation)
+            else Standardisation.of(data, self.output_activation, feature_variance)
         ).to(**build)
         if incremental:
             rows, validation = TrainingRows(data, transform=units.apply), None
@@ -653,9 +656,9 @@ class BaseNonlinearICA(
             epochs_before=self._epochs_trained_ if resume else 0,
             entries_before=entries_before,
         )
-        variance = mean_feature_variance(data) / units.scale**2
+        variance = mean_feature_variance(feature_variance) / units.scale**2
         # The noise scale in standard units: per feature with "diagonal".
-        noise_scale = self._noise_scale(data, units, variance)
+        noise_scale = self._noise_scale(feature_variance / units.scale**2, variance)
         noise_start = None if resume else self._noise_start(units, noise_scale)
         runs: list[TrainingRun] = []
         for _ in range(1 if resume or incremental else self.n_init):
@@ -698,18 +701,19 @@ class BaseNonlinearICA(
             incremental=incremental,
             resume=resume,
             units=units,
+            n_features=X.shape[1],
             baseline=_gaussian_baseline(validation, units, X.shape[1], variance),
         )
         return self
 
-    def _noise_scale(self, data, units, variance: float):
-        """The data's variance in standard units: its mean over features, or,
-        with ``noise="diagonal"``, each feature's (the mean for constant
-        ones, so that no floor is zero)."""
+    def _noise_scale(self, feature_variance, variance: float):
+        """The data's variance in standard units: ``variance``, its mean over
+        features, or, with ``noise="diagonal"``, each feature's
+        ``feature_variance`` (the mean for constant ones, so that no floor is
+        zero)."""
         if self.noise == "isotropic":
             return variance
-        per_feature = data.var(dim=0, unbiased=False) / units.scale**2
-        return torch.where(per_feature > 0, per_feature, variance)
+        return torch.where(feature_variance > 0, feature_variance, variance)
 
     def _noise_start(self, units, scale):
         """The initial (or fixed) noise variance, in standard units.
@@ -730,7 +734,15 @@ class BaseNonlinearICA(
         return start if self.noise == "isotropic" else torch.full_like(scale, start)
 
     def _finish(
-        self, best: TrainingRun, runs, *, incremental, resume, units, baseline
+        self,
+        best: TrainingRun,
+        runs,
+        *,
+        incremental,
+        resume,
+        units,
+        n_features,
+        baseline,
     ) -> None:
         """Keep ``best`` as the fitted model and report what happened.
 
@@ -755,7 +767,6 @@ class BaseNonlinearICA(
                 f"before any finite model existed. {_DIVERGENCE_ADVICE}"
             )
         deficit = baseline - best.score
-        n_features = best.model.decoder[-2].out_features
         checked = self.learn_noise_variance and self.noise_variance is None
         if checked and deficit > EXPLOSION_MARGIN * n_features:
             shift = units.log_jacobian(n_features)

@@ -58,10 +58,21 @@ class Standardisation:
     mean: torch.Tensor
 
     @classmethod
-    def of(cls, data: torch.Tensor, output_activation: str) -> Standardisation:
-        """The standardisation of ``data`` for a decoder with that output."""
+    def of(
+        cls,
+        data: torch.Tensor,
+        output_activation: str,
+        feature_variance: torch.Tensor | None = None,
+    ) -> Standardisation:
+        """The standardisation of ``data`` for a decoder with that output.
+
+        ``feature_variance``, ``data.var(dim=0, unbiased=False)`` when the
+        caller has it already, saves a pass over the data.
+        """
+        if feature_variance is None:
+            feature_variance = data.var(dim=0, unbiased=False)
         mean = data.mean(dim=0)
-        variance = float(data.var(dim=0, unbiased=False).mean())
+        variance = float(feature_variance.mean())
         rescale = output_activation in HOMOGENEOUS_OUTPUTS and variance > 0
         location = (
             mean if output_activation in AFFINE_OUTPUTS else torch.zeros_like(mean)

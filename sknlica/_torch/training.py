@@ -139,9 +139,10 @@ def training_tensor(X: np.ndarray, device: torch.device) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(X))
 
 
-def mean_feature_variance(data: torch.Tensor) -> float:
-    """Mean per-feature variance (1 for constant data), without a copy of ``data``."""
-    return float(data.var(dim=0, unbiased=False).mean()) or 1.0
+def mean_feature_variance(feature_variance: torch.Tensor) -> float:
+    """The mean of per-feature variances (1 for constant data), e.g. of
+    ``data.var(dim=0, unbiased=False)``."""
+    return float(feature_variance.mean()) or 1.0
 
 
 def make_optimizer(
