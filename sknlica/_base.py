@@ -45,9 +45,11 @@ from sknlica._torch.gaussian import gaussian_log_density
 from sknlica._torch.networks import ACTIVATIONS, NoiseVariance, make_mlp
 from sknlica._torch.standardisation import Standardisation
 from sknlica._torch.training import (
+    PenalisedObjective,
     TrainingRows,
     TrainingRun,
     TrainingSettings,
+    WeightPenalty,
     make_optimizer,
     mean_feature_variance,
     state_to_cpu,
@@ -119,6 +121,12 @@ NOISE_PARAMETERS_DOC = """\
 #: Documentation of the parameters of the training loop, inserted where a
 #: subclass docstring says ``{shared_parameters}``.
 SHARED_PARAMETERS_DOC = """\
+    alpha : float, default=0.0
+        Strength of the L2 penalty on the decoder's weights (not its
+        biases), with :class:`~sklearn.neural_network.MLPRegressor`'s
+        meaning: ``0.5 * alpha * ||W||^2 / n_samples`` is added to the mean
+        per-row loss.  It acts in the standard units training runs in, so
+        its effect does not depend on the data's units.
     batch_size : int, default=128
         Minibatch size (clipped to the number of training rows).
     max_iter : int, default=200
@@ -253,6 +261,12 @@ def check_count(name: str, value, least: int) -> None:
 def _partial_fit_applies(estimator) -> bool:
     # Restarts pick the best of several complete fits, which needs all the
     # data at once; incremental training has a single run.
+    if getattr(estimator, "solver", None) == "lbfgs":
+        raise AttributeError(
+            "partial_fit is unavailable with solver='lbfgs' (full-batch "
+            "iterations need all the data at once); use solver='adam' for "
+            "incremental training."
+        )
     if estimator.n_init != 1:
         raise AttributeError(
             "partial_fit is unavailable with n_init > 1 (restarts compare whole "
@@ -282,6 +296,7 @@ class BaseNonlinearICA(
         "learn_noise_variance": ["boolean"],
         "solver": [StrOptions({"adam", "sgd"})],
         "learning_rate_init": [Interval(Real, 0, None, closed="neither")],
+        "alpha": [Interval(Real, 0, None, closed="left")],
         "noise_learning_rate": [Interval(Real, 0, None, closed="neither"), None],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
@@ -311,6 +326,7 @@ class BaseNonlinearICA(
         solver="adam",
         learning_rate_init=3e-3,
         noise_learning_rate=None,
+        alpha=0.0,
         batch_size=128,
         max_iter=200,
         tol=1e-3,
@@ -335,6 +351,7 @@ class BaseNonlinearICA(
         self.solver = solver
         self.learning_rate_init = learning_rate_init
         self.noise_learning_rate = noise_learning_rate
+        self.alpha = alpha
         self.batch_size = batch_size
         self.max_iter = max_iter
         self.tol = tol
@@ -394,6 +411,12 @@ class BaseNonlinearICA(
 
     def _store_extra(self, model) -> None:
         """Fitted attributes beyond the model's parts and ``noise_variance_``."""
+
+    def _polish(
+        self, run: TrainingRun, objective, rows, validation, *, generator, centre
+    ):
+        """A convergent phase after the epochs, updating ``run`` (none here);
+        ``centre`` is the training mean in standard units."""
 
     @abstractmethod
     def _log_likelihood(self, x: torch.Tensor) -> torch.Tensor:
@@ -652,6 +675,7 @@ class BaseNonlinearICA(
             ema_decay=0.0 if incremental else self.ema_decay,
             verbose=bool(self.verbose) and not incremental,
             description=type(self).__name__,
+            phase=self.solver,
             track_rows=not incremental,
             epochs_before=self._epochs_trained_ if resume else 0,
             entries_before=entries_before,
@@ -660,6 +684,7 @@ class BaseNonlinearICA(
         # The noise scale in standard units: per feature with "diagonal".
         noise_scale = self._noise_scale(feature_variance / units.scale**2, variance)
         noise_start = None if resume else self._noise_start(units, noise_scale)
+        baseline = _gaussian_baseline(validation, units, X.shape[1], variance)
         runs: list[TrainingRun] = []
         for _ in range(1 if resume or incremental else self.n_init):
             generator = self._seed(rng, PARTIAL_FIT_SEED_STRIDE * entries_before)
@@ -682,15 +707,31 @@ class BaseNonlinearICA(
                 generator=generator,
                 **build,
             )
-            optimizers = self._make_optimizers(model)
-            if incremental and resume:
-                for optimizer, state in zip(
-                    optimizers, self._optimizer_states_, strict=True
-                ):
-                    optimizer.load_state_dict(state)
-            run = train(
-                model, objective, optimizers, rows, validation, generator, settings
-            )
+            if self.alpha:
+                penalty = WeightPenalty(model.decoder, self.alpha, len(rows))
+                objective = PenalisedObjective(objective, penalty)
+            if self.solver == "lbfgs":
+                # No epochs: the full-batch phase (_polish) is the whole fit.
+                run = TrainingRun(model=model, optimizers=[])
+            else:
+                optimizers = self._make_optimizers(model)
+                if incremental and resume:
+                    for optimizer, state in zip(
+                        optimizers, self._optimizer_states_, strict=True
+                    ):
+                        optimizer.load_state_dict(state)
+                run = train(
+                    model, objective, optimizers, rows, validation, generator, settings
+                )
+            if not incremental and not self._blew_up(run, baseline, X.shape[1]):
+                self._polish(
+                    run,
+                    objective,
+                    rows,
+                    validation,
+                    generator=generator,
+                    centre=units.standard_mean,
+                )
             runs.append(run)
             if run.interrupted:
                 break
@@ -702,7 +743,7 @@ class BaseNonlinearICA(
             resume=resume,
             units=units,
             n_features=X.shape[1],
-            baseline=_gaussian_baseline(validation, units, X.shape[1], variance),
+            baseline=baseline,
         )
         return self
 
@@ -768,7 +809,7 @@ class BaseNonlinearICA(
             )
         deficit = baseline - best.score
         checked = self.learn_noise_variance and self.noise_variance is None
-        if checked and deficit > EXPLOSION_MARGIN * n_features:
+        if self._blew_up(best, baseline, n_features):
             shift = units.log_jacobian(n_features)
             kept = "; the previous model was kept" if resume else ""
             raise TrainingDivergedError(
@@ -788,9 +829,18 @@ class BaseNonlinearICA(
             state_to_cpu(optimizer.state_dict()) for optimizer in best.optimizers
         ]
         self.history_ = history_before + best.history
-        self._epochs_trained_ = epochs_before + len(best.history)
+        epochs = sum(entry["phase"] != "lbfgs" for entry in best.history)
+        iterations = max(
+            (e["iterations"] for e in best.history if e["phase"] == "lbfgs"),
+            default=0,
+        )
+        self._epochs_trained_ = epochs_before + epochs
         self._architecture_ = self._architecture()
-        self.n_iter_ = len(self.history_) if incremental else len(best.history)
+        if incremental:
+            self.n_iter_ = len(self.history_)
+        else:
+            self.n_iter_ = iterations if self.solver == "lbfgs" else epochs
+        self._store_iterations(iterations)
         self.converged_ = best.converged and not incremental
         self.best_epoch_ = self.n_iter_ if incremental else best.best_epoch
         if best.failed_epoch is not None:
@@ -802,12 +852,12 @@ class BaseNonlinearICA(
         if interrupted:
             message = _interruption_message(len(runs), self.n_init, runs[-1])
             warn_at_caller(f"{message} (epoch {self.best_epoch_}).", UserWarning)
-        elif not best.converged and not incremental and self.n_iter_ == self.max_iter:
-            warn_at_caller(
-                f"{name} reached max_iter={self.max_iter} epochs without "
-                "converging; consider increasing max_iter.",
-                ConvergenceWarning,
-            )
+        elif (
+            not best.converged
+            and not incremental
+            and (iterations or self.n_iter_ == self.max_iter)
+        ):
+            warn_at_caller(self._nonconvergence_message(iterations), ConvergenceWarning)
         elif checked and not incremental and deficit > 0:
             shift = units.log_jacobian(n_features)
             warn_at_caller(
@@ -818,6 +868,24 @@ class BaseNonlinearICA(
                 "learning_rate_init.",
                 ConvergenceWarning,
             )
+
+    def _blew_up(self, run: TrainingRun, baseline: float, n_features: int) -> bool:
+        """Whether ``run``'s best score is so far below the Gaussian baseline
+        that training must have blown up (checked only when the noise variance
+        is learned from the default start)."""
+        checked = self.learn_noise_variance and self.noise_variance is None
+        deficit = baseline - run.score
+        return checked and run.has_model and deficit > EXPLOSION_MARGIN * n_features
+
+    def _store_iterations(self, iterations: int) -> None:
+        """Record the L-BFGS iterations of the fit (none here)."""
+
+    def _nonconvergence_message(self, iterations: int) -> str:
+        """What a fit that ran out of iterations tells the user."""
+        return (
+            f"{type(self).__name__} reached max_iter={self.max_iter} epochs "
+            "without converging; consider increasing max_iter."
+        )
 
     def _store_fitted(self, model) -> None:
         for part in self._model_class.parts:
@@ -1023,8 +1091,11 @@ def _comparable(value):
 
 
 def _interruption_message(n_run: int, n_init: int, last: TrainingRun) -> str:
-    n_epochs = len(last.history)
+    n_epochs = sum(entry["phase"] != "lbfgs" for entry in last.history)
     message = f"Training interrupted after {n_epochs} epoch{'s' * (n_epochs != 1)}"
+    iterations = [e["iterations"] for e in last.history if e["phase"] == "lbfgs"]
+    if iterations:
+        message += f" and {iterations[-1]} L-BFGS iterations"
     if n_init > 1:
         message += f" of restart {n_run} of {n_init}"
         if n_run < n_init:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from numbers import Integral, Real
 
 import torch
@@ -15,11 +16,16 @@ from sknlica._torch.evaluation import (
     resample_posterior,
 )
 from sknlica._torch.gaussian import latent_log_joint
-from sknlica._torch.integration import RULES, check_grid_budget
+from sknlica._torch.integration import RULES, check_grid_budget, prior_rule
 from sknlica._torch.likelihood import GRADIENTS
 from sknlica._torch.mle_objectives import make_mle_objective
 from sknlica._torch.models import MLEModel
+from sknlica._torch.polish import FrozenLikelihood, PolishSettings, polish
 from sknlica._torch.posterior import mala
+from sknlica._torch.training import WeightPenalty
+
+#: L-BFGS iterations of the polish when ``max_polish_iter="auto"`` polishes.
+AUTO_POLISH_ITER = 200
 
 
 class NonlinearICAMLE(BaseNonlinearICA):
@@ -78,10 +84,26 @@ class NonlinearICAMLE(BaseNonlinearICA):
         uses the report's section 3.1 formulas with normalised posterior
         weights, followed by one vector-Jacobian product through ``g``.  Both
         give the same gradient up to round-off.
+    max_polish_iter : int or "auto", default=0
+        L-BFGS iterations after the epochs, on a deterministic estimate of
+        the training log-likelihood (fixed prior nodes; frozen per-row
+        adaptive Gauss-Hermite rules at the posterior modes for rows the
+        prior rule integrates poorly, rebuilt every 10 iterations).  It
+        stops when 10 iterations improve the training log-likelihood by at
+        most ``tol`` or the held-out score stops improving, and keeps the
+        best-scoring parameters.  ``"auto"`` polishes (up to 200
+        iterations) when the decoder is linear or the epochs ended at
+        ``max_iter``; ``0`` never.  Measured: a linear decoder reaches
+        probabilistic PCA's closed-form maximum to 1e-5 nats/sample; on the
+        report's generator it moves the held-out gap by less than 0.01 at
+        1.4-4x the fit time, hence off by default.
     {noise_parameters}
-    solver : {"adam", "sgd"}, default="adam"
+    solver : {"adam", "sgd", "lbfgs"}, default="adam"
         ``"sgd"`` is the report's Algorithm 1: plain gradient ascent
         alternating a step on the decoder and a step on ``sigma^2``.
+        ``"lbfgs"`` skips the epochs: full-batch L-BFGS on the frozen
+        likelihood (see ``max_polish_iter``) from the start, with
+        ``max_iter`` counting its iterations (as ``MLPRegressor``).
     learning_rate_init : float, default=3e-3
         Step size (of the decoder step, for ``"sgd"``).
     noise_learning_rate : float, default=None
@@ -138,6 +160,11 @@ class NonlinearICAMLE(BaseNonlinearICA):
         "n_eval_nodes": [Interval(Integral, 1, None, closed="left")],
         "gradient": [StrOptions(set(GRADIENTS))],
         "grid_half_width": [Interval(Real, 0, None, closed="neither"), None],
+        "solver": [StrOptions({"adam", "sgd", "lbfgs"})],
+        "max_polish_iter": [
+            Interval(Integral, 0, None, closed="left"),
+            StrOptions({"auto"}),
+        ],
     }
 
     _model_class = MLEModel
@@ -151,6 +178,7 @@ class NonlinearICAMLE(BaseNonlinearICA):
         n_eval_nodes=16384,
         grid_half_width=None,
         gradient="autograd",
+        max_polish_iter=0,
         **shared,
     ):
         super().__init__(n_components, **shared)
@@ -159,6 +187,7 @@ class NonlinearICAMLE(BaseNonlinearICA):
         self.n_eval_nodes = n_eval_nodes
         self.grid_half_width = grid_half_width
         self.gradient = gradient
+        self.max_polish_iter = max_polish_iter
 
     def _check_params(self, X) -> None:
         super()._check_params(X)
@@ -185,6 +214,103 @@ class NonlinearICAMLE(BaseNonlinearICA):
             device=device,
             centre=centre,
         )
+
+    def _polish(self, run, objective, rows, validation, *, generator, centre):
+        """Full-batch L-BFGS on the frozen likelihood (``polish.py``), after
+        the epochs or, with ``solver="lbfgs"``, instead of them.
+
+        It runs in float64 whatever the data's dtype: a full-batch line
+        search compares sums over all rows, which float32 resolves only to
+        about 1e-7 relative, and fits of the same data in different units
+        then took different steps.
+        """
+        budget = self._polish_budget(run)
+        if not budget or run.interrupted or run.failed_epoch is not None:
+            return
+        if self.solver != "lbfgs" and not run.has_model:
+            return
+        prior = self.integration if self.integration in RULES else "auto"
+        rule = prior_rule(
+            prior,
+            self.n_components,
+            self.n_nodes,
+            generator=generator,
+            dtype=torch.float64,
+            device=rows.device,
+            half_width=self.grid_half_width,
+        )
+        model = run.model
+        centre = None if centre is None else centre.double()
+        if model.decoder[0].weight.dtype != torch.float64:
+            model = copy.deepcopy(model).double()
+        if validation is not None:
+            validation = validation.double()
+        frozen = FrozenLikelihood(
+            rows.as_dtype(torch.float64),
+            rule,
+            adaptive={"auto": "low_ess", "adaptive": "all"}.get(
+                self.integration, "none"
+            ),
+            generator=generator,
+            gradient=self.gradient,
+            centre=centre,
+        )
+        scorer = (
+            None
+            if validation is None
+            else lambda model, refine: objective.validation_scores(
+                model, validation, refine, centre
+            )
+        )
+        penalty = getattr(objective, "penalty", None)
+        if penalty is not None:
+            penalty = WeightPenalty(model.decoder, self.alpha, len(rows))
+        polish(
+            model,
+            frozen,
+            run,
+            scorer,
+            PolishSettings(max_iter=budget, tol=self.tol),
+            penalty=penalty,
+        )
+        if model is not run.model:
+            # load_state_dict casts back to the model's dtype.
+            run.model.load_state_dict(model.state_dict())
+
+    def _polish_budget(self, run) -> int:
+        """L-BFGS iterations for this fit: ``max_iter`` with ``solver="lbfgs"``;
+        with ``max_polish_iter="auto"``, :data:`AUTO_POLISH_ITER` when the
+        decoder is linear or the epochs ended at ``max_iter``, else none."""
+        if self.solver == "lbfgs":
+            return self.max_iter
+        if self.max_polish_iter != "auto":
+            return self.max_polish_iter
+        linear = not tuple(self.hidden_layer_sizes)
+        ran_out = not run.converged and len(run.history) == self.max_iter
+        return AUTO_POLISH_ITER if linear or ran_out else 0
+
+    def _store_iterations(self, iterations: int) -> None:
+        self.n_polish_iter_ = iterations
+
+    def _nonconvergence_message(self, iterations: int) -> str:
+        name = type(self).__name__
+        if self.solver == "lbfgs":
+            return (
+                f"{name} reached max_iter={self.max_iter} L-BFGS iterations "
+                "without converging; consider increasing max_iter."
+            )
+        if iterations:
+            budget = (
+                AUTO_POLISH_ITER
+                if self.max_polish_iter == "auto"
+                else self.max_polish_iter
+            )
+            return (
+                f"{name}'s L-BFGS polish reached {budget} iterations "
+                f"(max_polish_iter={self.max_polish_iter!r}) without converging; "
+                "consider a larger max_polish_iter."
+            )
+        return super()._nonconvergence_message(iterations)
 
     def _parameter_blocks(self, model):
         decoder, noise = (

@@ -20,6 +20,10 @@ class _HookedObjective(Objective):
         self.inner = inner
         self.owner = owner
 
+    def __getattr__(self, name):
+        # Everything else (scores, the centre) is the wrapped objective's.
+        return getattr(self.inner, name)
+
     def begin_epoch(self, epoch):
         self.inner.begin_epoch(epoch)
         self.owner.epochs_begun.append(epoch)

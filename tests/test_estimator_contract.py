@@ -572,7 +572,7 @@ def test_wrong_width_at_inference(Estimator, fitted):
 #: Invalid values of parameters both estimators take.
 SHARED_INVALID = [
     ({"noise_variance": -1.0}, "noise_variance"),
-    ({"solver": "lbfgs"}, "solver"),
+    ({"solver": "newton"}, "solver"),
     ({"activation": "swish"}, "activation"),
     ({"batch_size": 0}, "batch_size"),
     ({"max_iter": 0}, "max_iter"),

@@ -118,11 +118,21 @@ class MLEObjective(Objective):
 
     def epoch_scores(self, model, rows, validation, train_objective) -> dict:
         scores = {TRAIN_SCORE: train_objective}
-        if validation is None:
-            return scores
-        # Refining every epoch would triple the default fit time at sigma^2 =
-        # 1 (7.9 s -> 21.7 s), where about half the rows have ESS < 30 though
-        # the grid is accurate for them: refine only while training adaptively.
+        if validation is not None:
+            # Refining every epoch would triple the default fit time at
+            # sigma^2 = 1 (7.9 s -> 21.7 s), where about half the rows have
+            # ESS < 30 though the grid is accurate for them: refine only
+            # while training adaptively.
+            scores.update(
+                self.validation_scores(model, validation, self.trains_adaptively)
+            )
+        return scores
+
+    def validation_scores(self, model, validation, refine: bool, centre=None) -> dict:
+        """``validation_log_likelihood``, ``low_ess_fraction`` and
+        ``adaptive_training`` (= ``refine``: low-ESS rows refined adaptively).
+
+        ``centre`` replaces the objective's (e.g. in another dtype)."""
         rule = decoded_evaluation_rule(
             model.decoder,
             self.n_components,
@@ -136,15 +146,16 @@ class MLEObjective(Objective):
             model.decoder,
             model.noise(),
             with_mean=False,
-            refine=self.trains_adaptively,
+            refine=refine,
             n_adaptive_nodes=VALIDATION_ADAPTIVE_NODES,
-            centre=self.centre,
+            centre=self.centre if centre is None else centre,
         )
-        scores[VALIDATION_SCORE] = float(evaluation.log_marginal.mean())
         low = evaluation.ess < AUTO_SWITCH_ESS
-        scores["low_ess_fraction"] = float(low.double().mean()) if len(low) else 0.0
-        scores["adaptive_training"] = self.trains_adaptively
-        return scores
+        return {
+            VALIDATION_SCORE: float(evaluation.log_marginal.mean()),
+            "low_ess_fraction": float(low.double().mean()) if len(low) else 0.0,
+            "adaptive_training": refine,
+        }
 
 
 class PriorRuleObjective(MLEObjective):

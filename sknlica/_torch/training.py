@@ -72,6 +72,55 @@ class Objective:
         """Called with the epoch's history entry, e.g. to switch rules."""
 
 
+class WeightPenalty:
+    """``0.5 * alpha * sum ||W||^2 / n_rows`` over a module's linear weights.
+
+    ``MLPRegressor``'s ``alpha``: an L2 penalty on the weights (not the
+    biases), divided by the number of training rows so that it adds to a
+    mean per-row loss as it adds to a total in a posterior.
+    """
+
+    def __init__(self, module: torch.nn.Module, alpha: float, n_rows: int) -> None:
+        self.weights = [
+            layer.weight
+            for layer in module.modules()
+            if isinstance(layer, torch.nn.Linear)
+        ]
+        self.scale = 0.5 * alpha / max(1, n_rows)
+
+    def __call__(self) -> torch.Tensor:
+        return self.scale * sum(weight.square().sum() for weight in self.weights)
+
+
+class PenalisedObjective(Objective):
+    """An objective whose loss carries a :class:`WeightPenalty`.
+
+    Everything else (scores, hooks, attributes) is the wrapped objective's.
+    """
+
+    def __init__(self, objective: Objective, penalty: WeightPenalty) -> None:
+        self.objective = objective
+        self.penalty = penalty
+
+    def __getattr__(self, name):
+        return getattr(self.objective, name)
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.objective.begin_epoch(epoch)
+
+    def loss(self, model, batch, rows):
+        return self.objective.loss(model, batch, rows) + self.penalty()
+
+    def before_step(self, optimizer) -> None:
+        self.objective.before_step(optimizer)
+
+    def epoch_scores(self, model, rows, validation, train_objective) -> dict:
+        return self.objective.epoch_scores(model, rows, validation, train_objective)
+
+    def end_epoch(self, entry: dict) -> None:
+        self.objective.end_epoch(entry)
+
+
 class TrainingRows:
     """The training rows of a data tensor, gathered one minibatch at a time.
 
@@ -99,6 +148,8 @@ class TrainingRows:
         self.data = data
         self.index = index
         self.transform = transform
+        #: Gathered rows are cast to this dtype (``None``: the data's).
+        self._dtype: torch.dtype | None = None
 
     def __len__(self) -> int:
         return self.data.shape[0] if self.index is None else self.index.shape[0]
@@ -109,11 +160,19 @@ class TrainingRows:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.data.dtype
+        return self._dtype or self.data.dtype
 
     @property
     def device(self) -> torch.device:
         return self.data.device
+
+    def as_dtype(self, dtype: torch.dtype) -> TrainingRows:
+        """The same rows, gathered in ``dtype`` (the data are not copied)."""
+        if dtype == self.dtype:
+            return self
+        rows = TrainingRows(self.data, self.index, self.transform)
+        rows._dtype = dtype
+        return rows
 
     def take(self, positions: torch.Tensor) -> torch.Tensor:
         """Rows at ``positions`` (0-based among the training rows), copied and
@@ -121,6 +180,8 @@ class TrainingRows:
         if self.index is not None:
             positions = self.index[positions]
         rows = self.data[positions]
+        if self._dtype is not None:
+            rows = rows.to(self._dtype)
         return rows if self.transform is None else self.transform(rows)
 
 
@@ -274,6 +335,8 @@ class TrainingSettings:
     ema_decay: float
     verbose: bool = False
     description: str = "training"
+    #: The solver's name, recorded as each history entry's ``phase``.
+    phase: str = "adam"
     #: Pass each batch's row positions to the loss (stable within one fit).
     track_rows: bool = True
     #: Epochs the model trained before this call: the objective's schedule
@@ -366,6 +429,7 @@ def train(
             with torch.no_grad(), _averaged(average):
                 entry = {
                     "epoch": settings.entries_before + epoch + 1,
+                    "phase": settings.phase,
                     "train_objective": -train_loss,
                 }
                 entry.update(
