@@ -33,14 +33,18 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from _common import base_parser, markdown_table, mle_log_likelihood, write_results
+from _common import (
+    base_parser,
+    markdown_table,
+    mle_log_likelihood,
+    timed_fit,
+    write_results,
+)
 from sklearn.decomposition import PCA, FactorAnalysis
-from sklearn.exceptions import ConvergenceWarning
 
 from sknlica import NonlinearICAMLE, NonlinearICAVAE
 from sknlica.datasets import make_nonlinear_ica
@@ -65,14 +69,6 @@ QUICK = Sizes(
     widths=(20,),
     max_iter=2,
 )
-
-
-def _fit(model, X):
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        model.fit(X)
-    return time.perf_counter() - start
 
 
 def _linear_log_likelihood(model, X) -> float:
@@ -106,7 +102,7 @@ def linear_rows(sizes: Sizes, seed: int) -> list[dict]:
             "default (no polish)": NonlinearICAMLE(random_state=seed, **linear),
         }
         for name, model in fits.items():
-            seconds = _fit(model, X)
+            seconds = timed_fit(model, X)
             rows.append(
                 {
                     "seed": seed,
@@ -186,7 +182,7 @@ def small_noise_rows(sizes: Sizes, seed: int) -> list[dict]:
     for noise_variance in sizes.noise_variances:
         train, test, true_train, true_test = _data(20, noise_variance, sizes)
         for name, model in _methods(sizes, seed).items():
-            seconds = _fit(model, train)
+            seconds = timed_fit(model, train)
             row = _gap_row(model, name, train, test, true_train, true_test, seconds)
             rows.append({"seed": seed, "sigma^2": noise_variance, **row})
             print(rows[-1], flush=True)
@@ -203,7 +199,7 @@ def width_rows(sizes: Sizes, widths, seed: int) -> list[dict]:
             "MLE default": NonlinearICAMLE(**common),
             "MLE polished": NonlinearICAMLE(max_polish_iter=200, **common),
         }.items():
-            seconds = _fit(model, train)
+            seconds = timed_fit(model, train)
             row = _gap_row(model, name, train, test, true_train, true_test, seconds)
             rows.append({"seed": seed, "n_features": n_features, **row})
             print(rows[-1], flush=True)

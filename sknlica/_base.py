@@ -829,11 +829,7 @@ class BaseNonlinearICA(
             state_to_cpu(optimizer.state_dict()) for optimizer in best.optimizers
         ]
         self.history_ = history_before + best.history
-        epochs = sum(entry["phase"] != "lbfgs" for entry in best.history)
-        iterations = max(
-            (e["iterations"] for e in best.history if e["phase"] == "lbfgs"),
-            default=0,
-        )
+        epochs, iterations = _phase_counts(best.history)
         self._epochs_trained_ = epochs_before + epochs
         self._architecture_ = self._architecture()
         if incremental:
@@ -1090,12 +1086,21 @@ def _comparable(value):
     return value
 
 
+def _phase_counts(history: list[dict]) -> tuple[int, int]:
+    """Epochs (of the stochastic solver) and L-BFGS iterations in ``history``."""
+    epochs = sum(entry["phase"] != "lbfgs" for entry in history)
+    iterations = max(
+        (entry["iterations"] for entry in history if entry["phase"] == "lbfgs"),
+        default=0,
+    )
+    return epochs, iterations
+
+
 def _interruption_message(n_run: int, n_init: int, last: TrainingRun) -> str:
-    n_epochs = sum(entry["phase"] != "lbfgs" for entry in last.history)
+    n_epochs, iterations = _phase_counts(last.history)
     message = f"Training interrupted after {n_epochs} epoch{'s' * (n_epochs != 1)}"
-    iterations = [e["iterations"] for e in last.history if e["phase"] == "lbfgs"]
     if iterations:
-        message += f" and {iterations[-1]} L-BFGS iterations"
+        message += f" and {iterations} L-BFGS iterations"
     if n_init > 1:
         message += f" of restart {n_run} of {n_init}"
         if n_run < n_init:

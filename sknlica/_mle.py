@@ -251,7 +251,6 @@ class NonlinearICAMLE(BaseNonlinearICA):
             adaptive={"auto": "low_ess", "adaptive": "all"}.get(
                 self.integration, "none"
             ),
-            generator=generator,
             gradient=self.gradient,
             centre=centre,
         )
@@ -262,9 +261,10 @@ class NonlinearICAMLE(BaseNonlinearICA):
                 model, validation, refine, centre
             )
         )
-        penalty = getattr(objective, "penalty", None)
-        if penalty is not None:
-            penalty = WeightPenalty(model.decoder, self.alpha, len(rows))
+        # On the model polished (a float64 copy for float32 fits).
+        penalty = (
+            WeightPenalty(model.decoder, self.alpha, len(rows)) if self.alpha else None
+        )
         polish(
             model,
             frozen,

@@ -34,14 +34,9 @@ def _model(n_features, hidden=(), activation="identity", noise=0.5, seed=0):
     return MLEModel(decoder, NoiseVariance(noise, learn=True, floor=1e-6))
 
 
-def _frozen(x, model, adaptive, n_nodes=256, seed=0):
+def _frozen(x, model, adaptive, n_nodes=256):
     rule = prior_rule("grid", 2, n_nodes, dtype=torch.float64)
-    frozen = FrozenLikelihood(
-        TrainingRows(x),
-        rule,
-        adaptive=adaptive,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    frozen = FrozenLikelihood(TrainingRows(x), rule, adaptive=adaptive)
     frozen.refresh(model)
     return frozen
 
@@ -179,19 +174,22 @@ def test_lbfgs_solver_counts_iterations_and_refuses_partial_fit():
     assert "solver='lbfgs'" in str(error.value.__cause__)
 
 
-def test_polish_keeps_the_best_scoring_parameters():
-    X = _linear_gaussian(600) ** 2  # skewed: far from the linear model
-    mle = NonlinearICAMLE(
-        max_polish_iter="auto",
-        hidden_layer_sizes=(8,),
-        n_nodes=64,
-        n_eval_nodes=256,
-        max_iter=5,
-        random_state=0,
-    )
+def _small_mle(**params):
+    """A small, seeded MLE for the estimator-level tests."""
+    return NonlinearICAMLE(n_nodes=64, n_eval_nodes=256, random_state=0, **params)
+
+
+def _quiet_fit(model, X):
+    """``model.fit(X)`` without the ConvergenceWarning of short fits."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        mle.fit(X)
+        return model.fit(X)
+
+
+def test_polish_keeps_the_best_scoring_parameters():
+    X = _linear_gaussian(600) ** 2  # skewed: far from the linear model
+    mle = _small_mle(max_polish_iter="auto", hidden_layer_sizes=(8,), max_iter=5)
+    _quiet_fit(mle, X)
     scores = [entry["validation_log_likelihood"] for entry in mle.history_]
     kept = mle.history_[mle.best_epoch_ - 1]
     assert kept["validation_log_likelihood"] == max(scores)
@@ -201,14 +199,8 @@ def test_polish_keeps_the_best_scoring_parameters():
 
 def test_polish_budget_exhausted_warns_with_its_parameter_name():
     X = _linear_gaussian(400)
-    mle = NonlinearICAMLE(
-        hidden_layer_sizes=(),
-        activation="identity",
-        max_iter=3,
-        max_polish_iter=1,
-        n_nodes=64,
-        n_eval_nodes=256,
-        random_state=0,
+    mle = _small_mle(
+        hidden_layer_sizes=(), activation="identity", max_iter=3, max_polish_iter=1
     )
     with pytest.warns(ConvergenceWarning, match="max_polish_iter=1"):
         mle.fit(X)
@@ -217,17 +209,9 @@ def test_polish_budget_exhausted_warns_with_its_parameter_name():
 
 def test_no_polish_leaves_only_epochs():
     X = _linear_gaussian(300)
-    mle = NonlinearICAMLE(
-        hidden_layer_sizes=(4,),
-        max_iter=3,
-        max_polish_iter=0,
-        n_nodes=64,
-        n_eval_nodes=256,
-        random_state=0,
+    mle = _quiet_fit(
+        _small_mle(hidden_layer_sizes=(4,), max_iter=3, max_polish_iter=0), X
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        mle.fit(X)
     assert mle.n_polish_iter_ == 0
     assert {entry["phase"] for entry in mle.history_} == {"adam"}
 
@@ -244,14 +228,7 @@ def test_interrupt_during_polish_keeps_a_usable_model(monkeypatch):
         return original(self, model, penalty)
 
     monkeypatch.setattr(FrozenLikelihood, "backward", interrupting)
-    mle = NonlinearICAMLE(
-        max_polish_iter=200,
-        hidden_layer_sizes=(4,),
-        max_iter=3,
-        n_nodes=64,
-        n_eval_nodes=256,
-        random_state=0,
-    )
+    mle = _small_mle(max_polish_iter=200, hidden_layer_sizes=(4,), max_iter=3)
     with pytest.warns(UserWarning, match="nterrupt"):
         mle.fit(X)
     assert np.isfinite(mle.score(X))
@@ -261,17 +238,9 @@ def test_alpha_shrinks_the_decoder_weights():
     X = _linear_gaussian(400)
     norms = {}
     for alpha in (0.0, 1e3):
-        mle = NonlinearICAMLE(
-            hidden_layer_sizes=(8,),
-            alpha=alpha,
-            max_iter=5,
-            n_nodes=64,
-            n_eval_nodes=256,
-            random_state=0,
+        mle = _quiet_fit(
+            _small_mle(hidden_layer_sizes=(8,), alpha=alpha, max_iter=5), X
         )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            mle.fit(X)
         norms[alpha] = sum(
             float(layer.weight.square().sum())
             for layer in mle.decoder_

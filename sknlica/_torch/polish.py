@@ -9,16 +9,17 @@ and a quasi-Newton method converges on it:
 * rows the prior rule integrates well (effective sample size of their
   posterior weights at least :data:`ESS_THRESHOLD`) use one fixed node set
   over the prior;
-* every other row gets its own posterior-adapted proposal (``adaptive.py``:
-  mode search, Laplace and moment-matched Gaussians, defensive prior), built
-  at the current parameters and then *frozen*.  ``p(x) = E_q[p(x, z) /
-  q(z)]`` for any fixed ``q``, so the frozen estimate is an importance
-  sampling estimate of the likelihood at every parameter value, and its
-  gradient, the self-normalised posterior expectation of ``grad log p(x,
-  z)``, estimates the likelihood's.
+* every other row gets its own adaptive Gauss-Hermite rule: the shared
+  tensor-product Gauss-Hermite nodes of N(0, I) mapped through the row's
+  Laplace approximation (the Gauss-Newton mode of ``adaptive.py`` and the
+  Cholesky factor of its covariance), built at the current parameters and
+  then *frozen*.  The rule is exact when the posterior is Gaussian (a linear
+  decoder) and a smooth function of the parameters in any case.  (A frozen
+  importance-sampling proposal was tried first: L-BFGS exploited its fixed
+  nodes, and a linear fit ended 0.045 nats below PCA's maximum.)
 
 :func:`polish` runs L-BFGS with a strong-Wolfe line search in rounds: each
-round rebuilds the proposals at the current parameters (the posterior modes
+round rebuilds the rules at the current parameters (the posterior modes
 move with the decoder) and takes up to :data:`ROUND_ITERATIONS` iterations.
 It stops when a round improves the training log-likelihood by at most
 ``tol`` (converged), when the held-out score has not improved by more than
@@ -48,6 +49,7 @@ from sknlica._torch.gaussian import (
 )
 from sknlica._torch.integration import gauss_hermite_rule
 from sknlica._torch.likelihood import GRADIENTS
+from sknlica._torch.mle_objectives import ModeCache
 from sknlica._torch.training import (
     TRAIN_SCORE,
     VALIDATION_SCORE,
@@ -117,12 +119,12 @@ class FrozenLikelihood:
         Which rows get frozen adaptive proposals at :meth:`refresh`: none
         (a prior rule was asked for), those with an ESS below
         :data:`ESS_THRESHOLD` (``"auto"``), or all (``"adaptive"``).
-    generator : torch.Generator
-        Seeds the proposals' shared scrambled Sobol normals.
     gradient : str
         ``"autograd"`` or ``"analytic"``, for the prior-rule rows.
     centre : Tensor or None
         Centre of the distance expansion (the training mean).
+    n_proposal_nodes : int, default=PROPOSAL_NODES
+        Gauss-Hermite nodes per adaptive row (``round(K ** (1/m))`` per axis).
     """
 
     def __init__(
@@ -131,7 +133,6 @@ class FrozenLikelihood:
         rule: tuple[torch.Tensor, torch.Tensor],
         *,
         adaptive: str,
-        generator: torch.Generator,
         gradient: str = "autograd",
         centre: torch.Tensor | None = None,
         n_proposal_nodes: int = PROPOSAL_NODES,
@@ -151,7 +152,8 @@ class FrozenLikelihood:
         )
         self.proposals: FrozenProposals | None = None
         self.prior_rows = torch.arange(len(rows), device=rows.device)
-        self._modes: torch.Tensor | None = None
+        #: Each row's last mode, to warm-start the next refresh's search.
+        self._modes = ModeCache()
 
     @property
     def needs_refresh(self) -> bool:
@@ -174,22 +176,12 @@ class FrozenLikelihood:
             return
         noise = model.noise()
         g = decode_nodes(model.decoder, self.nodes)
-        chosen = []
         everything = torch.arange(len(self.rows), device=self.rows.device)
-        for positions in self._row_chunks(
-            len(self.nodes), everything, PAIRWISE_ELEMENTS
-        ):
-            if self.adaptive == "all":
-                chosen.append(positions)
-                continue
-            x = self.rows.take(positions)
-            joint, _ = pairwise_log_joint_parts(
-                x, g, self.log_weights, noise, self.centre
-            )
-            log_posterior = joint - torch.logsumexp(joint, dim=1, keepdim=True)
-            low = effective_sample_size(log_posterior) < ESS_THRESHOLD
-            chosen.append(positions[low])
-        adaptive_rows = torch.cat(chosen)
+        adaptive_rows = (
+            everything
+            if self.adaptive == "all"
+            else self._low_ess_rows(everything, g, noise)
+        )
         keep = torch.ones(len(self.rows), dtype=torch.bool, device=everything.device)
         keep[adaptive_rows] = False
         self.prior_rows = everything[keep]
@@ -198,8 +190,6 @@ class FrozenLikelihood:
         proposals = FrozenProposals(
             adaptive_rows, g.new_empty((n, m)), g.new_empty((n, m, m))
         )
-        if self._modes is None:
-            self._modes = g.new_full((len(self.rows), m), math.nan)
         step = chunk_rows(len(self.nodes), PAIRWISE_ELEMENTS)
         for first in range(0, n, step):
             chunk = slice(first, first + step)
@@ -208,23 +198,26 @@ class FrozenLikelihood:
             point = prior_start(
                 x, self.nodes, g, self.log_weights, noise, self.centre
             ).point
-            point = self._better_start(x, point, self._modes[positions], model, noise)
+            point, _ = self._modes.better_start(
+                x, point, positions, model.decoder, noise
+            )
             mode, precision = find_mode(x, model.decoder, noise, point)
-            self._modes[positions] = mode
+            self._modes.store(positions, mode)
             proposals.mode[chunk] = mode
             proposals.factor[chunk] = proposal_factor(precision, PROPOSAL_SCALE)
         self.proposals = proposals
 
-    @staticmethod
-    def _better_start(x, point, cached, model, noise):
-        """The better (in ``log p(x, z)``) of the best prior node and last mode."""
-        known = ~torch.isnan(cached).any(dim=1)
-        if not known.any():
-            return point
-        candidates = torch.stack([point, torch.where(known[:, None], cached, point)], 1)
-        values = latent_log_joint(x, candidates, model.decoder, noise)
-        values = torch.nan_to_num(values, nan=-math.inf)
-        return candidates[torch.arange(len(x)), values.argmax(dim=1)]
+    def _low_ess_rows(self, positions, g, noise) -> torch.Tensor:
+        """The ``positions`` whose posterior weights over the prior nodes have
+        an ESS below :data:`ESS_THRESHOLD`."""
+        low = []
+        for chunk in self._row_chunks(len(self.nodes), positions, PAIRWISE_ELEMENTS):
+            joint, _ = pairwise_log_joint_parts(
+                self.rows.take(chunk), g, self.log_weights, noise, self.centre
+            )
+            log_posterior = joint - torch.logsumexp(joint, dim=1, keepdim=True)
+            low.append(chunk[effective_sample_size(log_posterior) < ESS_THRESHOLD])
+        return torch.cat(low)
 
     def backward(self, model, penalty: Callable | None = None) -> float:
         """Minus the mean estimate over the rows (plus ``penalty()``); its
@@ -277,8 +270,6 @@ class PolishSettings:
 
     max_iter: int
     tol: float
-    #: Iteration numbers continue from here in the history.
-    entries_before: int = 0
     round_iterations: int = ROUND_ITERATIONS
     history_size: int = HISTORY_SIZE
     patience: int = PATIENCE
@@ -344,11 +335,11 @@ def polish(
             counted = n_iter
             after = _objective_value(frozen, model, penalty)
             if not math.isfinite(after) or not is_finite(model):
-                run.failed_epoch = settings.entries_before + len(run.history) + 1
+                run.failed_epoch = len(run.history) + 1
                 break
             model.eval()
             entry = {
-                "epoch": settings.entries_before + len(run.history) + 1,
+                "epoch": len(run.history) + 1,
                 "phase": "lbfgs",
                 "iterations": iterations,
                 "train_objective": -after,
