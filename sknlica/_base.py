@@ -175,11 +175,13 @@ SHARED_PARAMETERS_DOC = """\
 #: where a subclass docstring says ``{shared_attributes}``.
 SHARED_ATTRIBUTES_DOC = """\
     n_iter_ : int
-        Epochs run (by ``partial_fit``: calls made).
+        Epochs run (by ``partial_fit``: calls made; with
+        ``NonlinearICAMLE(solver="lbfgs")``: L-BFGS iterations).
     converged_ : bool
-        Whether the stopping rule fired before ``max_iter``.
+        Whether a stopping rule fired before the iteration budget ran out
+        (that of the L-BFGS polish, when there was one).
     best_epoch_ : int
-        Epoch whose parameters were kept.
+        Entry of ``history_`` (1-based) whose parameters were kept.
     n_features_in_ : int
         Number of features seen during fit.
     feature_names_in_ : ndarray of shape (`n_features_in_`,)

@@ -40,7 +40,8 @@ class NonlinearICAMLE(BaseNonlinearICA):
 
     is approximated in log space by ``logsumexp_j [log w_j + log phi(x_i;
     g(z_j), sigma^2 I)]`` over integration nodes ``z_j`` with log-weights
-    ``log w_j``, and maximised by minibatch stochastic gradient ascent.
+    ``log w_j``, and maximised by minibatch stochastic gradient ascent,
+    optionally followed by a full-batch L-BFGS polish (``max_polish_iter``).
 
     Parameters
     ----------
@@ -129,7 +130,13 @@ class NonlinearICAMLE(BaseNonlinearICA):
         ``adaptive_training`` (whether the epoch trained with the adaptive
         rule).  ``validation_log_likelihood`` and ``low_ess_fraction`` are of
         the averaged parameters (``ema_decay``), the training entries of the
-        raw iterates.
+        raw iterates.  Every entry has a ``phase`` (the solver's name); the
+        L-BFGS rounds (``phase="lbfgs"``) also record the cumulative
+        ``iterations`` and ``adaptive_rows`` (rows with a frozen adaptive
+        rule).
+    n_polish_iter_ : int
+        L-BFGS iterations run (0 without a polish).  With ``solver="lbfgs"``
+        ``n_iter_`` counts them too.
     {shared_attributes}
 
     See Also
