@@ -148,9 +148,23 @@ def test_a_grid_with_one_node_per_axis_is_refused(integration):
 # --------------------------------------------------------------- Ctrl-C
 _CHILD = """
 import sys, time
+import sknlica._torch.training as training
 from sknlica import {estimator}
 from sknlica.datasets import make_nonlinear_ica
 
+run_epoch = training.run_epoch
+
+
+def announcing_run_epoch(*args, **kwargs):
+    # Tells the parent when the first epoch is done, so that the signal
+    # arrives mid-fit however slow the machine is.
+    loss = run_epoch(*args, **kwargs)
+    print("epoch", flush=True)
+    training.run_epoch = run_epoch
+    return loss
+
+
+training.run_epoch = announcing_run_epoch
 X, _ = make_nonlinear_ica(2000, 2, 10, random_state=0)
 model = {estimator}(n_init=3, max_iter=10**6, n_iter_no_change=10**6, random_state=0)
 print("fitting", flush=True)
@@ -173,7 +187,8 @@ def test_one_sigint_stops_the_whole_fit_and_keeps_the_best_model(Estimator):
         text=True,
     )
     assert child.stdout.readline().strip() == "fitting"
-    time.sleep(4.0)  # a few epochs of the first restart
+    assert child.stdout.readline().strip() == "epoch"
+    time.sleep(1.0)  # a few more epochs of the first restart
     child.send_signal(signal.SIGINT)
     try:
         out, err = child.communicate(timeout=60)
