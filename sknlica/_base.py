@@ -9,7 +9,9 @@ fault handling, ``history_``), warnings that point at the caller's line,
 pickling.  It holds no numerics: the training loop is
 :func:`sknlica._torch.training.train`, and a subclass fills in named steps:
 ``_build_model``, ``_make_objective`` and ``_parameter_blocks`` for
-training, ``_log_likelihood`` and ``_latent_mean`` for inference.
+training, ``_log_likelihood_and_mean`` for inference.  The conditional
+prior (``prior="conditional"``) is handled here too, by training and
+evaluating each segment's view of the model (``sknlica._torch.segments``).
 """
 
 from __future__ import annotations
@@ -39,10 +41,16 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_array, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.metaestimators import available_if
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
 from sknlica._torch.gaussian import gaussian_log_density
 from sknlica._torch.networks import ACTIVATIONS, NoiseVariance, make_mlp
+from sknlica._torch.segments import (
+    SegmentedObjective,
+    SegmentPrior,
+    segment_positions,
+    segment_view,
+)
 from sknlica._torch.standardisation import Standardisation
 from sknlica._torch.training import (
     PenalisedObjective,
@@ -118,6 +126,40 @@ NOISE_PARAMETERS_DOC = """\
         mean feature variance of the training data (with ``"diagonal"``,
         each feature's own variance)."""
 
+#: Documentation of the latent prior's parameters, inserted where a subclass
+#: docstring says ``{prior_parameters}``.
+PRIOR_PARAMETERS_DOC = """\
+    prior : {"standard", "conditional"}, default="standard"
+        ``"standard"``: ``z ~ N(0, I)``, the report's model (``y`` is
+        ignored).  ``"conditional"``: the identifiable model of nonlinear ICA
+        with an auxiliary variable (a segment label, a condition), ``z_k | u
+        ~ N(mu_k(u), lambda_k(u))`` independently, one learned mean and
+        variance vector per distinct value of ``u``; ``fit(X, y)`` then
+        needs ``y = u`` (any discrete labels), and ``transform``,
+        ``score_samples``, ``score`` and ``sample`` take it too (without it
+        they use the marginal prior, the mixture of the segment priors with
+        the training rows' weights).  See the user guide's identifiability
+        page.
+    prior_means : bool, default=True
+        With ``prior="conditional"``, learn the segment means ``mu(u)``;
+        ``False`` fixes them at zero (only the variances change with ``u``,
+        as in time-contrastive learning).  Ignored by the standard prior."""
+
+#: Documentation of the conditional prior's fitted attributes, inserted where
+#: a subclass docstring says ``{prior_attributes}``.
+PRIOR_ATTRIBUTES_DOC = """\
+    segments_ : ndarray of shape (n_segments,)
+        With ``prior="conditional"``: the distinct values of ``y`` seen in
+        ``fit``, sorted; row ``k`` of the next three belongs to
+        ``segments_[k]``.
+    prior_means_ : ndarray of shape (n_segments, n_components)
+        With ``prior="conditional"``: the means ``mu(u)`` of ``z | u``.
+    prior_variances_ : ndarray of shape (n_segments, n_components)
+        With ``prior="conditional"``: the variances ``lambda(u)`` of ``z | u``.
+    prior_weights_ : ndarray of shape (n_segments,)
+        With ``prior="conditional"``: the fraction of training rows in each
+        segment, the weights of the marginal prior."""
+
 #: Documentation of the parameters of the training loop, inserted where a
 #: subclass docstring says ``{shared_parameters}``.
 SHARED_PARAMETERS_DOC = """\
@@ -191,6 +233,8 @@ SHARED_ATTRIBUTES_DOC = """\
 _DOC_BLOCKS = {
     "decoder_parameters": DECODER_PARAMETERS_DOC,
     "noise_parameters": NOISE_PARAMETERS_DOC,
+    "prior_parameters": PRIOR_PARAMETERS_DOC,
+    "prior_attributes": PRIOR_ATTRIBUTES_DOC,
     "shared_parameters": SHARED_PARAMETERS_DOC,
     "shared_attributes": SHARED_ATTRIBUTES_DOC,
 }
@@ -269,6 +313,11 @@ def _partial_fit_applies(estimator) -> bool:
             "iterations need all the data at once); use solver='adam' for "
             "incremental training."
         )
+    if getattr(estimator, "prior", "standard") == "conditional":
+        raise AttributeError(
+            "partial_fit is unavailable with prior='conditional' (each row's "
+            "segment and the segments' weights are fixed by fit); use fit."
+        )
     if estimator.n_init != 1:
         raise AttributeError(
             "partial_fit is unavailable with n_init > 1 (restarts compare whole "
@@ -296,6 +345,8 @@ class BaseNonlinearICA(
         "noise": [StrOptions({"isotropic", "diagonal"})],
         "noise_variance": [Interval(Real, 0, None, closed="neither"), None],
         "learn_noise_variance": ["boolean"],
+        "prior": [StrOptions({"standard", "conditional"})],
+        "prior_means": ["boolean"],
         "solver": [StrOptions({"adam", "sgd"})],
         "learning_rate_init": [Interval(Real, 0, None, closed="neither")],
         "alpha": [Interval(Real, 0, None, closed="left")],
@@ -325,6 +376,8 @@ class BaseNonlinearICA(
         noise="isotropic",
         noise_variance=None,
         learn_noise_variance=True,
+        prior="standard",
+        prior_means=True,
         solver="adam",
         learning_rate_init=3e-3,
         noise_learning_rate=None,
@@ -350,6 +403,8 @@ class BaseNonlinearICA(
         self.noise = noise
         self.noise_variance = noise_variance
         self.learn_noise_variance = learn_noise_variance
+        self.prior = prior
+        self.prior_means = prior_means
         self.solver = solver
         self.learning_rate_init = learning_rate_init
         self.noise_learning_rate = noise_learning_rate
@@ -387,6 +442,8 @@ class BaseNonlinearICA(
         "output_activation",
         "noise",
         "learn_noise_variance",
+        "prior",
+        "prior_means",
     )
 
     # ------------------------------------------------------------------ hooks
@@ -396,11 +453,21 @@ class BaseNonlinearICA(
 
     @abstractmethod
     def _build_model(
-        self, n_features, *, noise_variance, scale, dtype, device, generator
+        self,
+        n_features,
+        *,
+        noise_variance,
+        scale,
+        dtype,
+        device,
+        generator,
+        n_segments=0,
     ):
         """A fresh ``_model_class`` instance, in standard units: its noise
         variance starts at ``noise_variance`` with a floor relative to
-        ``scale``, the data's mean feature variance."""
+        ``scale``, the data's mean feature variance; ``n_segments`` is the
+        number of segments of a conditional prior (the base attaches the
+        prior itself)."""
 
     @abstractmethod
     def _make_objective(self, model, *, n_features, centre, generator, dtype, device):
@@ -421,12 +488,10 @@ class BaseNonlinearICA(
         ``centre`` is the training mean in standard units."""
 
     @abstractmethod
-    def _log_likelihood(self, x: torch.Tensor) -> torch.Tensor:
-        """``score_samples`` of validated rows, as a tensor."""
-
-    @abstractmethod
-    def _latent_mean(self, x: torch.Tensor) -> torch.Tensor:
-        """``transform`` of validated rows, as a tensor."""
+    def _log_likelihood_and_mean(self, x: torch.Tensor, model, with_mean: bool):
+        """``(log p(x), latent mean or None)`` of validated rows under
+        ``model`` (the inference model, or a segment's view of it, whose
+        latents are then the standardised ``eps``), as tensors."""
 
     # ------------------------------------------------------------- utilities
     @property
@@ -472,6 +537,8 @@ class BaseNonlinearICA(
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        # The conditional prior needs the auxiliary variable in fit.
+        tags.target_tags.required = self.prior == "conditional"
         return tags
 
     @staticmethod
@@ -531,15 +598,15 @@ class BaseNonlinearICA(
 
     def _split(
         self, data: torch.Tensor, rng, units
-    ) -> tuple[TrainingRows, torch.Tensor]:
-        """Training rows (by index, no copy) and the validation rows (copied),
-        both in standard units."""
+    ) -> tuple[TrainingRows, torch.Tensor | None, torch.Tensor | None]:
+        """Training rows (by index, no copy), the validation rows (copied),
+        both in standard units, and the validation rows' positions in ``data``."""
         if not self.early_stopping:
-            return TrainingRows(data, transform=units.apply), None
+            return TrainingRows(data, transform=units.apply), None, None
         order = torch.from_numpy(rng.permutation(data.shape[0])).to(data.device)
         n_val = math.ceil(self.validation_fraction * data.shape[0])
         rows = TrainingRows(data, order[n_val:], transform=units.apply)
-        return rows, units.apply(data[order[:n_val]])
+        return rows, units.apply(data[order[:n_val]]), order[:n_val]
 
     def _make_optimizers(self, model) -> list[torch.optim.Optimizer]:
         return [
@@ -581,7 +648,107 @@ class BaseNonlinearICA(
     def _fitted_model(self) -> torch.nn.Module:
         """The fitted parts as a ``_model_class`` instance (shared, not copied)."""
         parts = {name: getattr(self, f"{name}_") for name in self._model_class.parts}
-        return self._model_class(**parts)
+        return self._model_class(**parts, prior=getattr(self, "prior_", None))
+
+    # ------------------------------------------------------------ segments
+    def _training_segments(self, X, y, resume: bool):
+        """``(segments, codes)``: the sorted distinct labels of ``y`` and each
+        row's index among them (a CPU int64 tensor), for the conditional
+        prior; ``(None, None)`` for the standard one, which ignores ``y``."""
+        if self.prior != "conditional":
+            return None, None
+        name = type(self).__name__
+        if y is None:
+            raise ValueError(
+                f"{name}(prior='conditional') requires y to be passed, but the "
+                "target y is None. Pass the auxiliary variable u (a segment "
+                "label per row) as y, or use prior='standard'."
+            )
+        labels = _check_labels(y, X.shape[0])
+        if resume:
+            return self.segments_, self._segment_codes(labels)
+        segments, codes = np.unique(labels, return_inverse=True)
+        return segments, torch.from_numpy(codes.astype(np.int64).reshape(-1))
+
+    def _segment_codes(self, labels: np.ndarray) -> torch.Tensor:
+        """Each label's index among ``segments_``; unseen labels are an error."""
+        positions = np.searchsorted(self.segments_, labels)
+        positions = np.clip(positions, 0, len(self.segments_) - 1)
+        unseen = self.segments_[positions] != labels
+        if np.any(unseen):
+            raise ValueError(
+                f"y contains {len(np.unique(labels[unseen]))} label(s) not seen "
+                f"in fit, e.g. {labels[unseen][0]!r}; the fitted segments are "
+                f"{_preview(self.segments_)}. A segment's prior is learned from "
+                "its training rows: pass only fitted labels, or y=None for the "
+                "marginal prior."
+            )
+        return torch.from_numpy(positions.astype(np.int64))
+
+    def _inference_codes(self, y, n_rows: int):
+        """Segment codes of the rows being inferred, or ``None`` (the
+        standard prior, which ignores ``y``, or ``y=None``: the marginal)."""
+        if getattr(self, "prior_", None) is None or y is None:
+            return None
+        return self._segment_codes(_check_labels(y, n_rows))
+
+    def _store_prior(self, prior, segments) -> None:
+        """The conditional prior's fitted attributes (removed for the standard
+        prior, so that a refit leaves none stale)."""
+        names = ("prior_", "segments_", "prior_means_", "prior_variances_")
+        if prior is None:
+            for name in (*names, "prior_weights_"):
+                self.__dict__.pop(name, None)
+            return
+        self.prior_ = prior.cpu().eval()
+        self.segments_ = segments
+        with torch.no_grad():
+            self.prior_means_ = prior.means.double().numpy().copy()
+            self.prior_variances_ = prior.variances.double().numpy()
+            self.prior_weights_ = torch.exp(prior.log_weights).double().numpy()
+
+    def _infer(self, x: torch.Tensor, codes, *, with_mean: bool):
+        """``(log p(x), E[z | x])`` of validated rows as tensors (the mean only
+        ``with_mean``): by the subclass's rule for the standard prior; for the
+        conditional one, ``log p(x | u)`` and ``E[z | x, u]`` segment by
+        segment given ``codes``, else under the mixture of the segment priors
+        (``log sum_u pi_u p(x | u)``, and the posterior mean averaged with the
+        weights ``p(u | x)``)."""
+        model = self._inference_model(x.dtype)
+        if model.prior is None:
+            return self._log_likelihood_and_mean(x, model, with_mean)
+        prior = model.prior
+        if codes is not None:
+            log_p = x.new_empty(x.shape[0])
+            mean = x.new_empty((x.shape[0], prior.means.shape[1]))
+            for segment, positions in segment_positions(codes):
+                part, eps_mean = self._log_likelihood_and_mean(
+                    x[positions], segment_view(model, segment), with_mean
+                )
+                log_p[positions] = part
+                if with_mean:
+                    with torch.no_grad():
+                        mean[positions] = prior.to_latent(eps_mean, segment)
+            return log_p, mean if with_mean else None
+        parts = [
+            self._log_likelihood_and_mean(x, segment_view(model, segment), with_mean)
+            for segment in range(prior.n_segments)
+        ]
+        with torch.no_grad():
+            log_joint = torch.stack([part for part, _ in parts]) + prior.log_weights[
+                :, None
+            ].to(x.dtype)
+            log_p = torch.logsumexp(log_joint, dim=0)
+            if not with_mean:
+                return log_p, None
+            weights = torch.softmax(log_joint, dim=0)
+            means = torch.stack(
+                [
+                    prior.to_latent(eps_mean, segment)
+                    for segment, (_, eps_mean) in enumerate(parts)
+                ]
+            )
+            return log_p, (weights[..., None] * means).sum(0)
 
     # ------------------------------------------------------------------- fit
     @_fit_context(prefer_skip_nested_validation=True)
@@ -594,8 +761,10 @@ class BaseNonlinearICA(
         X : array-like of shape (n_samples, n_features)
             Training data; float32 input trains in float32, anything else in
             float64.
-        y : Ignored
-            Not used, present for API consistency.  Scorers such as
+        y : array-like of shape (n_samples,), default=None
+            With ``prior="conditional"``: the auxiliary variable ``u`` of each
+            row (required; any discrete labels, one segment per distinct
+            value).  Otherwise ignored: scorers such as
             :class:`~sknlica.metrics.ProcrustesScorer` read the true latents
             from ``y`` in model selection.
 
@@ -604,7 +773,7 @@ class BaseNonlinearICA(
         self : object
             The fitted estimator.
         """
-        return self._fit(X, incremental=False)
+        return self._fit(X, y, incremental=False)
 
     @available_if(_partial_fit_applies)
     @_fit_context(prefer_skip_nested_validation=True)
@@ -640,13 +809,14 @@ class BaseNonlinearICA(
         """
         return self._fit(X, incremental=True)
 
-    def _fit(self, X, *, incremental: bool):
+    def _fit(self, X, y=None, *, incremental: bool):
         """``fit`` (all epochs, restarts) or ``partial_fit`` (one epoch)."""
         resume = hasattr(self, "decoder_") and (incremental or self.warm_start)
         if resume:
             self._check_same_architecture(incremental)
         X = self._validate(X, reset=not resume)
         self._check_params(X)
+        segments, codes = self._training_segments(X, y, resume)
         if not incremental:
             self._check_split(X)
         rng = check_random_state(self.random_state)
@@ -666,8 +836,12 @@ class BaseNonlinearICA(
         ).to(**build)
         if incremental:
             rows, validation = TrainingRows(data, transform=units.apply), None
+            validation_positions = None
         else:
-            rows, validation = self._split(data, rng, units)
+            rows, validation, validation_positions = self._split(data, rng, units)
+        if codes is not None:
+            # Segment-pure minibatches (training.minibatches).
+            rows.groups = codes if rows.index is None else codes[rows.index.cpu()]
         entries_before = self.n_iter_ if incremental and resume else 0
         settings = TrainingSettings(
             max_iter=1 if incremental else self.max_iter,
@@ -700,8 +874,17 @@ class BaseNonlinearICA(
                     noise_variance=noise_start,
                     scale=noise_scale,
                     generator=generator,
+                    n_segments=0 if codes is None else len(segments),
                     **build,
                 )
+                if codes is not None:
+                    counts = torch.bincount(codes, minlength=len(segments))
+                    model.prior = SegmentPrior(
+                        counts,
+                        self.n_components,
+                        learn_means=self.prior_means,
+                        **build,
+                    )
             objective = self._make_objective(
                 model,
                 n_features=X.shape[1],
@@ -709,6 +892,14 @@ class BaseNonlinearICA(
                 generator=generator,
                 **build,
             )
+            if codes is not None:
+                objective = SegmentedObjective(
+                    objective,
+                    rows.groups,
+                    None
+                    if validation_positions is None
+                    else codes[validation_positions.cpu()],
+                )
             if self.alpha:
                 penalty = WeightPenalty(model.decoder, self.alpha, len(rows))
                 objective = PenalisedObjective(objective, penalty)
@@ -746,6 +937,7 @@ class BaseNonlinearICA(
             units=units,
             n_features=X.shape[1],
             baseline=baseline,
+            segments=segments,
         )
         return self
 
@@ -786,6 +978,7 @@ class BaseNonlinearICA(
         units,
         n_features,
         baseline,
+        segments=None,
     ) -> None:
         """Keep ``best`` as the fitted model and report what happened.
 
@@ -826,7 +1019,7 @@ class BaseNonlinearICA(
         units.fold(best.model)
         _to_data_units(best.history, units, n_features)
         self._standardisation_ = units.to(torch.float64, "cpu")
-        self._store_fitted(best.model)
+        self._store_fitted(best.model, segments)
         self._optimizer_states_ = [
             state_to_cpu(optimizer.state_dict()) for optimizer in best.optimizers
         ]
@@ -885,9 +1078,10 @@ class BaseNonlinearICA(
             "without converging; consider increasing max_iter."
         )
 
-    def _store_fitted(self, model) -> None:
+    def _store_fitted(self, model, segments=None) -> None:
         for part in self._model_class.parts:
             setattr(self, f"{part}_", getattr(model, part).cpu().eval())
+        self._store_prior(model.prior, segments)
         variance = model.noise().detach()
         self.noise_variance_ = (
             float(variance) if variance.ndim == 0 else variance.double().numpy()
@@ -900,7 +1094,7 @@ class BaseNonlinearICA(
         return self._validate(X, reset=False)
 
     @uses_torch_threads
-    def score_samples(self, X):
+    def score_samples(self, X, y=None):
         """Log-likelihood ``log p(x)`` of each row under the fitted model.
 
         An estimate of the likelihood itself, not a bound, so the values of
@@ -916,6 +1110,10 @@ class BaseNonlinearICA(
         ----------
         X : array-like of shape (n_samples, n_features)
             Observations.
+        y : array-like of shape (n_samples,), default=None
+            With ``prior="conditional"``, each row's segment label: the result
+            is then ``log p(x_i | u_i)``; ``None`` gives ``log p(x_i)`` under
+            the mixture of the segment priors.  Ignored by the standard prior.
 
         Returns
         -------
@@ -923,10 +1121,11 @@ class BaseNonlinearICA(
             ``log p(x_i)`` in nats, with the dtype of ``X``.
         """
         X = self._check_fitted_input(X)
-        return self._log_likelihood(self._to_tensor(X)).numpy()
+        codes = self._inference_codes(y, X.shape[0])
+        return self._infer(self._to_tensor(X), codes, with_mean=False)[0].numpy()
 
     @uses_torch_threads
-    def transform(self, X):
+    def transform(self, X, y=None):
         """Latent coordinates of each row.
 
         :class:`~sknlica.NonlinearICAMLE` returns the posterior mean ``E[z |
@@ -937,6 +1136,13 @@ class BaseNonlinearICA(
         ----------
         X : array-like of shape (n_samples, n_features)
             Rows to encode.
+        y : array-like of shape (n_samples,), default=None
+            With ``prior="conditional"``, each row's segment label: the
+            result is then ``E[z | x, u]`` (the encoder mean of ``q(z | x,
+            u)`` for the VAE); ``None`` averages those over the segments with
+            the weights ``p(u | x)`` of the marginal prior.  Ignored by the
+            standard prior.  (``fit_transform(X, y)`` is ``fit(X,
+            y).transform(X)``, scikit-learn's contract: the marginal version.)
 
         Returns
         -------
@@ -944,28 +1150,36 @@ class BaseNonlinearICA(
             One latent vector per row (``X``'s dtype).
         """
         X = self._check_fitted_input(X)
-        return self._latent_mean(self._to_tensor(X)).numpy()
+        codes = self._inference_codes(y, X.shape[0])
+        return self._infer(self._to_tensor(X), codes, with_mean=True)[1].numpy()
 
     def score(self, X, y=None) -> float:
-        """Mean log-likelihood per sample, ``mean(score_samples(X))``.
+        """Mean log-likelihood per sample, ``mean(score_samples(X, y))``.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
             Observations.
-        y : Ignored
-            Not used, present for API consistency.
+        y : array-like of shape (n_samples,), default=None
+            With ``prior="conditional"``, the rows' segment labels (``log p(x
+            | u)``); otherwise ignored (scorers pass their targets here).
 
         Returns
         -------
         score : float
-            Average ``log p(x)`` in nats.
+            Average ``log p(x)`` (or ``log p(x | u)``) in nats.
         """
-        return float(np.mean(self.score_samples(X)))
+        return float(np.mean(self.score_samples(X, y)))
 
     @uses_torch_threads
-    def sample(self, n_samples: int = 1, random_state=None, return_latent=False):
+    def sample(
+        self, n_samples: int = 1, random_state=None, return_latent=False, *, y=None
+    ):
         """Draw ``x = g(z) + noise`` with ``z ~ N(0, I)`` from the fitted model.
+
+        With ``prior="conditional"``, ``z ~ N(mu(u), diag lambda(u))`` for
+        the segments ``u`` given as ``y``, or drawn with the weights
+        ``prior_weights_``.
 
         Parameters
         ----------
@@ -975,6 +1189,8 @@ class BaseNonlinearICA(
             Seeds the draws; independent of the estimator's ``random_state``.
         return_latent : bool, default=False
             Also return the latents the samples were decoded from.
+        y : array-like of shape (n_samples,), default=None
+            With ``prior="conditional"``: the segment label of each draw.
 
         Returns
         -------
@@ -989,11 +1205,31 @@ class BaseNonlinearICA(
                 f"n_samples should be a positive integer, got {n_samples!r}."
             )
         rng = check_random_state(random_state)
+        codes = self._sample_codes(n_samples, y, rng)
         Z = rng.standard_normal((n_samples, self._fitted_n_components))
+        if codes is not None:
+            Z = self.prior_means_[codes] + np.sqrt(self.prior_variances_[codes]) * Z
         noise = rng.standard_normal((n_samples, self.n_features_in_))
         mean, variance = self._sample_mean_and_variance(Z)
         X = mean + np.sqrt(variance) * noise
         return (X, Z) if return_latent else X
+
+    def _sample_codes(self, n_samples: int, y, rng):
+        """Segment indices of the draws (``None`` for the standard prior)."""
+        if getattr(self, "prior_", None) is None:
+            return None
+        if y is None:
+            return rng.choice(
+                len(self.segments_), size=n_samples, p=self.prior_weights_
+            )
+        labels = _check_labels(y, None)
+        if len(labels) != n_samples:
+            raise ValueError(
+                f"sample got {len(labels)} segment labels in y for "
+                f"n_samples={n_samples}; pass one label per draw "
+                "(n_samples=len(y)), or y=None to draw the segments."
+            )
+        return self._segment_codes(labels).numpy()
 
     def _sample_mean_and_variance(self, Z: np.ndarray):
         """Decoder mean at latents ``Z`` and the noise variance, broadcastable
@@ -1057,6 +1293,28 @@ _LOG_LIKELIHOOD_ENTRIES = (
     "train_elbo",
     "validation_elbo",
 )
+
+
+def _check_labels(y, n_rows: int | None) -> np.ndarray:
+    """``y`` as a 1-d array of segment labels (``n_rows`` of them if given)."""
+    labels = column_or_1d(y, warn=True)
+    if n_rows is not None and len(labels) != n_rows:
+        raise ValueError(
+            f"y has {len(labels)} segment labels for {n_rows} rows of X; pass "
+            "one label per row."
+        )
+    if labels.dtype.kind == "f" and not np.isfinite(labels).all():
+        raise ValueError(
+            "y contains NaN or infinite segment labels; give every row a "
+            "finite (or string) label."
+        )
+    return labels
+
+
+def _preview(values: np.ndarray, limit: int = 6) -> str:
+    """``values`` for a message, elided beyond ``limit`` entries."""
+    shown = ", ".join(repr(value) for value in values[:limit].tolist())
+    return f"[{shown}{', ...' if len(values) > limit else ''}]"
 
 
 def _gaussian_baseline(validation, units, n_features: int, variance: float) -> float:

@@ -41,6 +41,8 @@ def _infer_n_components(decoder: Callable) -> int | None:
         "n_nodes": [Interval(Integral, 1, None, closed="left")],
         "grid_half_width": [Interval(Real, 0, None, closed="neither"), None],
         "random_state": ["random_state"],
+        "prior_mean": ["array-like", None],
+        "prior_variance": ["array-like", None],
     },
     prefer_skip_nested_validation=True,
 )
@@ -54,6 +56,8 @@ def marginal_log_likelihood(
     n_nodes: int = 2**16,
     grid_half_width: float | None = None,
     random_state=0,
+    prior_mean=None,
+    prior_variance=None,
 ) -> np.ndarray:
     """Per-row ``log p(x)`` for ``z ~ N(0, I)``, ``x | z ~ N(decoder(z), s2)``.
 
@@ -98,6 +102,16 @@ def marginal_log_likelihood(
         ``0.6 * sqrt(k)``.
     random_state : int, RandomState instance or None, default=0
         Seeds the randomised rules.  The default makes the result deterministic.
+    prior_mean, prior_variance : array-like of shape (n_components,) or \
+(n_samples, n_components), default=None
+        A diagonal Gaussian prior ``z ~ N(prior_mean, diag prior_variance)``
+        instead of ``N(0, I)``, shared by all rows or one per row (``None``:
+        zeros and ones): ``log p(x | u)`` of the conditional prior, with the
+        rows' segment means and variances (e.g. a fitted estimator's
+        ``prior_means_[codes]``, or the truth of
+        :func:`~sknlica.datasets.make_nonstationary_ica`).  Rows with the
+        same prior share one node set, mapped by ``z = mean + sqrt(variance)
+        * eps``.
 
     Returns
     -------
@@ -135,6 +149,68 @@ def marginal_log_likelihood(
             )
     check_grid_budget(integration, n_components, n_nodes)
     seed = int(np.random.default_rng(_seed_of(random_state)).integers(2**31 - 1))
+    options = {
+        "n_components": n_components,
+        "integration": integration,
+        "n_nodes": n_nodes,
+        "grid_half_width": grid_half_width,
+        "seed": seed,
+    }
+    if prior_mean is None and prior_variance is None:
+        return _standard_prior_log_likelihood(X, decoder, noise_variance, **options)
+    shifts = _per_row_prior(prior_mean, prior_variance, X.shape[0], n_components)
+    groups, inverse = np.unique(shifts, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    result = np.empty(X.shape[0])
+    for index, group in enumerate(groups):
+        rows = inverse == index
+        mean = torch.from_numpy(group[:n_components].copy())
+        scale = torch.from_numpy(np.sqrt(group[n_components:]))
+
+        def shifted(eps, mean=mean, scale=scale):
+            return decoder(mean.to(eps.dtype) + scale.to(eps.dtype) * eps)
+
+        result[rows] = _standard_prior_log_likelihood(
+            X[rows], shifted, noise_variance, **options
+        )
+    return result
+
+
+def _per_row_prior(prior_mean, prior_variance, n_rows: int, n_components: int):
+    """``(n_rows, 2 m)``: each row's prior mean and variance, checked."""
+    columns = []
+    for name, value, default in (
+        ("prior_mean", prior_mean, 0.0),
+        ("prior_variance", prior_variance, 1.0),
+    ):
+        array = np.asarray(default if value is None else value, dtype=np.float64)
+        try:
+            array = np.broadcast_to(array, (n_rows, n_components))
+        except ValueError:
+            raise ValueError(
+                f"{name} should have shape ({n_components},) or ({n_rows}, "
+                f"{n_components}) (one prior per row), got {array.shape}."
+            ) from None
+        if not np.isfinite(array).all():
+            raise ValueError(f"{name} should be finite.")
+        columns.append(array)
+    if not (columns[1] > 0).all():
+        raise ValueError("prior_variance should be positive.")
+    return np.concatenate(columns, axis=1)
+
+
+def _standard_prior_log_likelihood(
+    X,
+    decoder,
+    noise_variance,
+    *,
+    n_components,
+    integration,
+    n_nodes,
+    grid_half_width,
+    seed,
+):
+    """:func:`marginal_log_likelihood` under ``N(0, I)``."""
     generator = torch.Generator().manual_seed(seed)
     adaptive = integration == "adaptive"
     nodes, log_weights = prior_rule(

@@ -199,10 +199,28 @@ class NonlinearICAMLE(BaseNonlinearICA):
     def _check_params(self, X) -> None:
         super()._check_params(X)
         check_grid_budget(self.integration, self.n_components, self.n_nodes)
+        polished = self.solver == "lbfgs" or (
+            self.max_polish_iter != "auto" and self.max_polish_iter > 0
+        )
+        if self.prior == "conditional" and polished:
+            raise ValueError(
+                "The L-BFGS polish (solver='lbfgs' or max_polish_iter > 0) is "
+                "not available with prior='conditional' yet: its frozen "
+                "likelihood integrates over N(0, I) for every row. Use "
+                "solver='adam' with max_polish_iter=0, or prior='standard'."
+            )
 
     # ------------------------------------------------------------- training
     def _build_model(
-        self, n_features, *, noise_variance, scale, dtype, device, generator
+        self,
+        n_features,
+        *,
+        noise_variance,
+        scale,
+        dtype,
+        device,
+        generator,
+        n_segments=0,
     ):
         build = {"dtype": dtype, "device": device}
         decoder = self._build_decoder(n_features, generator=generator, **build)
@@ -290,6 +308,9 @@ class NonlinearICAMLE(BaseNonlinearICA):
         decoder is linear or the epochs ended at ``max_iter``, else none."""
         if self.solver == "lbfgs":
             return self.max_iter
+        if self.prior == "conditional":
+            # "auto" does not polish the conditional model (see _check_params).
+            return 0
         if self.max_polish_iter != "auto":
             return self.max_polish_iter
         linear = not tuple(self.hidden_layer_sizes)
@@ -324,6 +345,9 @@ class NonlinearICAMLE(BaseNonlinearICA):
             list(model.decoder.parameters()),
             list(model.noise.parameters()),
         )
+        if model.prior is not None:
+            # The segment priors step with the decoder they feed.
+            decoder += list(model.prior.parameters())
         if self.solver == "adam":
             return [(decoder, noise)]
         # The report's Algorithm 1: a theta step, then a sigma^2 step at the
@@ -331,10 +355,11 @@ class NonlinearICAMLE(BaseNonlinearICA):
         return [(decoder, []), ([], noise)]
 
     # ------------------------------------------------------------ inference
-    def _evaluation_parts(self, x):
-        """The decoder in the rows' dtype, sigma^2, the decoded rule and the
-        centre of the distance expansion (the training mean: fitted state)."""
-        decoder = self._inference_model(x.dtype).decoder
+    def _evaluation_parts(self, x, model):
+        """``model``'s decoder (the inference model's, or a segment's view),
+        sigma^2, the decoded rule and the centre of the distance expansion
+        (the training mean: fitted state)."""
+        decoder = model.decoder
         noise = torch.tensor(self.noise_variance_, dtype=x.dtype)
         rule = decoded_evaluation_rule(
             decoder, self._fitted_n_components, self.n_eval_nodes, dtype=x.dtype
@@ -342,14 +367,12 @@ class NonlinearICAMLE(BaseNonlinearICA):
         centre = self._standardisation_.mean.to(x.dtype)
         return decoder, noise, rule, centre
 
-    def _log_likelihood(self, x):
-        decoder, noise, rule, centre = self._evaluation_parts(x)
-        evaluation = evaluate(x, rule, decoder, noise, with_mean=False, centre=centre)
-        return evaluation.log_marginal
-
-    def _latent_mean(self, x):
-        decoder, noise, rule, centre = self._evaluation_parts(x)
-        return evaluate(x, rule, decoder, noise, centre=centre).posterior_mean
+    def _log_likelihood_and_mean(self, x, model, with_mean):
+        decoder, noise, rule, centre = self._evaluation_parts(x, model)
+        evaluation = evaluate(
+            x, rule, decoder, noise, with_mean=with_mean, centre=centre
+        )
+        return evaluation.log_marginal, evaluation.posterior_mean
 
     @uses_torch_threads
     def sample_posterior(self, X, n_samples=100, *, n_steps=50, random_state=None):
@@ -378,7 +401,14 @@ class NonlinearICAMLE(BaseNonlinearICA):
             Posterior draws, with the dtype of ``X``.
         """
         x = self._to_tensor(self._check_fitted_input(X))
-        decoder, noise, rule, centre = self._evaluation_parts(x)
+        if getattr(self, "prior_", None) is not None:
+            raise ValueError(
+                "sample_posterior is not available with prior='conditional' "
+                "yet; use transform(X, y) for the posterior means."
+            )
+        decoder, noise, rule, centre = self._evaluation_parts(
+            x, self._inference_model(x.dtype)
+        )
         check_count("n_samples", n_samples, 1)
         check_count("n_steps", n_steps, 0)
         generator = self._seed(check_random_state(random_state))

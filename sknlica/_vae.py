@@ -18,6 +18,7 @@ from sknlica._torch.gaussian import reparameterize, standard_normal_draws
 from sknlica._torch.models import AmortizedVariance, VAEModel
 from sknlica._torch.networks import GaussianHead
 from sknlica._torch.posterior import mala
+from sknlica._torch.segments import segment_positions, segment_view
 from sknlica._torch.vae_objectives import (
     BOUNDS,
     GRADIENT_ESTIMATORS,
@@ -253,6 +254,11 @@ class NonlinearICAVAE(BaseNonlinearICA):
                 "feature) contradicts. Set noise='isotropic' or "
                 "amortized_variance=False."
             )
+        if self.amortized_variance and self.prior == "conditional":
+            raise ValueError(
+                "amortized_variance=True is not available with "
+                "prior='conditional' yet; set amortized_variance=False."
+            )
         if self.amortized_variance and not self.learn_noise_variance:
             raise ValueError(
                 "amortized_variance=True learns a variance head, but "
@@ -262,14 +268,23 @@ class NonlinearICAVAE(BaseNonlinearICA):
 
     # ------------------------------------------------------------- training
     def _build_model(
-        self, n_features, *, noise_variance, scale, dtype, device, generator
+        self,
+        n_features,
+        *,
+        noise_variance,
+        scale,
+        dtype,
+        device,
+        generator,
+        n_segments=0,
     ):
         build = {"dtype": dtype, "device": device}
         encoder_sizes = self.encoder_hidden_layer_sizes
         if encoder_sizes is None:
             encoder_sizes = tuple(reversed(tuple(self.hidden_layer_sizes)))
+        # With segments, q(z | x, u) reads the segment's one-hot code too.
         encoder = GaussianHead(
-            n_features,
+            n_features + n_segments,
             tuple(encoder_sizes),
             self.n_components,
             activation=self.activation,
@@ -313,6 +328,9 @@ class NonlinearICAVAE(BaseNonlinearICA):
             list(part.parameters())
             for part in (model.encoder, model.decoder, model.noise)
         )
+        if model.prior is not None:
+            # The segment priors belong to the generative model (the M step).
+            decoder += list(model.prior.parameters())
         if self.training == "alternating":
             # Algorithm 1.1: an encoder (E) step, then a decoder (M) step.
             return [(encoder, []), (decoder, noise)]
@@ -324,9 +342,9 @@ class NonlinearICAVAE(BaseNonlinearICA):
         return max((n_features, *tuple(hidden_layer_sizes)))
 
     # ------------------------------------------------------------ inference
-    def _estimate(self, x):
-        """Per-row importance-sampled ``log p(x)`` and ELBO (``n_eval_samples``)."""
-        model = self._inference_model(x.dtype)
+    def _estimate(self, x, model):
+        """Per-row importance-sampled ``log p(x)`` and ELBO (``n_eval_samples``)
+        under ``model`` (the inference model or a segment's view)."""
         eps = evaluation_draws(
             self._fitted_n_components,
             self.n_eval_samples,
@@ -336,15 +354,15 @@ class NonlinearICAVAE(BaseNonlinearICA):
         width = self._width(x.shape[1], self._architecture_["hidden_layer_sizes"])
         return encoder_estimate(model, x, eps, width=width)
 
-    def _log_likelihood(self, x):
-        return self._estimate(x)[0]
-
-    def _latent_mean(self, x):
+    def _log_likelihood_and_mean(self, x, model, with_mean):
+        log_p = self._estimate(x, model)[0]
+        if not with_mean:
+            return log_p, None
         with torch.no_grad():
-            return self._inference_model(x.dtype).encode(x)[0]
+            return log_p, model.encode(x)[0]
 
     @uses_torch_threads
-    def elbo(self, X):
+    def elbo(self, X, y=None):
         """Evidence lower bound of each row (``beta = 1``).
 
         ``E_q[log p(x | z)] - KL(q(z | x) || N(0, I))`` with the KL analytic
@@ -356,6 +374,10 @@ class NonlinearICAVAE(BaseNonlinearICA):
         ----------
         X : array-like of shape (n_samples, n_features)
             Rows to bound, as for :meth:`score_samples`.
+        y : array-like of shape (n_samples,), default=None
+            With ``prior="conditional"`` (required there): the rows' segment
+            labels; the bound is then on ``log p(x | u)``, with ``q(z | x,
+            u)`` and the KL to the segment's prior.  Ignored otherwise.
 
         Returns
         -------
@@ -365,7 +387,21 @@ class NonlinearICAVAE(BaseNonlinearICA):
         See the class's example, which checks ``elbo(X) <= score(X)``.
         """
         X = self._check_fitted_input(X)
-        return self._estimate(self._to_tensor(X))[1].numpy()
+        x = self._to_tensor(X)
+        model = self._inference_model(x.dtype)
+        if model.prior is None:
+            return self._estimate(x, model)[1].numpy()
+        codes = self._inference_codes(y, X.shape[0])
+        if codes is None:
+            raise ValueError(
+                "elbo of a prior='conditional' model bounds log p(x | u): pass "
+                "the rows' segment labels as y."
+            )
+        bound = x.new_empty(x.shape[0])
+        for segment, positions in segment_positions(codes):
+            view = segment_view(model, segment)
+            bound[positions] = self._estimate(x[positions], view)[1]
+        return bound.numpy()
 
     def _sample_mean_and_variance(self, Z):
         # With the variance head, each draw's noise has the head's s^2(z).
@@ -411,6 +447,11 @@ class NonlinearICAVAE(BaseNonlinearICA):
         (3, 20, 2)
         """
         x = self._to_tensor(self._check_fitted_input(X))
+        if getattr(self, "prior_", None) is not None:
+            raise ValueError(
+                "sample_posterior is not available with prior='conditional' "
+                "yet; use transform(X, y) for the encoder means."
+            )
         model = self._inference_model(x.dtype)
         check_count("n_samples", n_samples, 1)
         check_count("n_steps", n_steps, 0)

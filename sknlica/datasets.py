@@ -1,8 +1,11 @@
 """Synthetic data for nonlinear ICA with Gaussian latents.
 
-The generator reproduces the data-generating process of the original report:
-Gaussian latents are pushed through one random affine layer and an elementwise
-activation, and isotropic Gaussian noise is added on top.
+:func:`make_nonlinear_ica` reproduces the data-generating process of the
+original report: Gaussian latents are pushed through one random affine layer
+and an elementwise activation, and isotropic Gaussian noise is added on top.
+:func:`make_nonstationary_ica` is the identifiable case of time-contrastive
+learning and the iVAE: Gaussian sources whose variances (and optionally
+means) change from segment to segment, mixed by a deep invertible network.
 """
 
 from dataclasses import dataclass
@@ -18,7 +21,12 @@ from sklearn.utils._param_validation import (
     validate_params,
 )
 
-__all__ = ["NonlinearMixing", "make_nonlinear_ica"]
+__all__ = [
+    "LayeredMixing",
+    "NonlinearMixing",
+    "make_nonlinear_ica",
+    "make_nonstationary_ica",
+]
 
 # torch.nn.LeakyReLU's default negative slope, so numpy and torch agree.
 _LEAKY_SLOPE = 0.01
@@ -402,3 +410,214 @@ def make_nonlinear_ica(
     if return_mixing:
         return X, Z, mixing
     return X, Z
+
+
+#: Negative slope of the leaky ReLU between the layers of
+#: :class:`LayeredMixing`, as in the TCL and iVAE experiments.
+MIXING_LEAKY_SLOPE = 0.2
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class LayeredMixing:
+    """Noiseless deep mixing: leaky ReLUs between random matrices.
+
+    ``x = A_L f(A_(L-1) ... f(A_1 s))`` with ``f`` a leaky ReLU.  The
+    ground-truth decoder of :func:`make_nonstationary_ica`: with square
+    orthogonal (or full-column-rank) matrices and slope ``0.2`` it is
+    invertible on its image.  Works on numpy arrays and (differentiably) on
+    torch tensors, so it serves as an oracle decoder of
+    :func:`sknlica.marginal_log_likelihood`.
+
+    Parameters
+    ----------
+    matrices : tuple of ndarray
+        ``A_1`` of shape ``(n_features, n_components)``, then square
+        ``(n_features, n_features)`` matrices.
+    negative_slope : float, default=0.2
+        Slope of the leaky ReLU applied before every matrix but the first.
+    noise_variance : float, default=0.0
+        The noise variance of the data-generating process (for reference).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sknlica.datasets import LayeredMixing
+    >>> mixing = LayeredMixing((np.eye(2), -np.eye(2)))
+    >>> mixing(np.array([[1.0, -1.0]]))
+    array([[-1. ,  0.2]])
+    """
+
+    matrices: tuple
+    negative_slope: float = MIXING_LEAKY_SLOPE
+    noise_variance: float = 0.0
+
+    def __post_init__(self):
+        matrices = tuple(np.array(a, dtype=np.float64) for a in self.matrices)
+        if not matrices or any(a.ndim != 2 for a in matrices):
+            raise ValueError(
+                "Expected a non-empty sequence of 2-D matrices, got shapes "
+                f"{[np.shape(a) for a in self.matrices]}."
+            )
+        for before, after in zip(matrices[:-1], matrices[1:]):
+            if after.shape[1] != before.shape[0]:
+                raise ValueError(
+                    f"Consecutive matrices do not chain: {before.shape} then "
+                    f"{after.shape}; each matrix needs as many columns as the "
+                    "previous one has rows."
+                )
+        for a in matrices:
+            a.setflags(write=False)
+        object.__setattr__(self, "matrices", matrices)
+
+    @property
+    def n_components(self) -> int:
+        """Number of sources (columns of the first matrix)."""
+        return self.matrices[0].shape[1]
+
+    @property
+    def n_features(self) -> int:
+        """Number of observed dimensions (rows of the last matrix)."""
+        return self.matrices[-1].shape[0]
+
+    def __repr__(self):
+        return (
+            f"{type(self).__name__}(n_features={self.n_features}, "
+            f"n_components={self.n_components}, n_layers={len(self.matrices)})"
+        )
+
+    def __call__(self, S):
+        """Map sources ``S`` of shape ``(n_samples, n_components)`` to the
+        noiseless observations (a tensor for a tensor, else float64)."""
+        if _is_torch_tensor(S):
+            import torch
+
+            h = S @ torch.tensor(self.matrices[0].T, dtype=S.dtype, device=S.device)
+            for a in self.matrices[1:]:
+                h = torch.nn.functional.leaky_relu(h, self.negative_slope)
+                h = h @ torch.tensor(a.T, dtype=S.dtype, device=S.device)
+            return h
+        h = np.asarray(S, dtype=np.float64) @ self.matrices[0].T
+        for a in self.matrices[1:]:
+            h = np.where(h >= 0, h, self.negative_slope * h) @ a.T
+        return h
+
+
+def _random_orthonormal(rng, n_rows, n_columns):
+    """A matrix with orthonormal columns (Haar-distributed when square)."""
+    q, r = np.linalg.qr(rng.standard_normal((n_rows, n_columns)))
+    return q * np.sign(np.diag(r))
+
+
+@validate_params(
+    {
+        "n_segments": [Interval(Integral, 1, None, closed="left")],
+        "n_per_segment": [Interval(Integral, 1, None, closed="left")],
+        "n_components": [Interval(Integral, 1, None, closed="left")],
+        "n_features": [Interval(Integral, 1, None, closed="left"), None],
+        "n_layers": [Interval(Integral, 1, None, closed="left")],
+        "noise_variance": [Interval(Real, 0, None, closed="left")],
+        "source_means": ["boolean"],
+        "random_state": ["random_state"],
+        "return_mixing": ["boolean"],
+    },
+    prefer_skip_nested_validation=True,
+)
+def make_nonstationary_ica(
+    n_segments: int = 40,
+    n_per_segment: int = 500,
+    n_components: int = 5,
+    n_features: int | None = None,
+    *,
+    n_layers: int = 2,
+    noise_variance: float = 0.01,
+    source_means: bool = False,
+    random_state=None,
+    return_mixing: bool = False,
+):
+    """Nonstationary Gaussian sources through a deep mixing: the identifiable case.
+
+    The process of time-contrastive learning (Hyvarinen & Morioka, 2016) and
+    of the iVAE (Khemakhem et al., 2020)::
+
+        u = segment label, n_per_segment rows for each of n_segments
+        s_k | u ~ N(m_k(u), v_k(u))      independently, k = 1..n_components
+        x = A_L f(... A_2 f(A_1 s)) + sqrt(noise_variance) * N(0, I)
+
+    with ``sqrt(v_k(u))`` uniform on [0.01, 3), ``m_k(u)`` zero or (with
+    ``source_means=True``) uniform on [-3, 3), ``f`` the leaky ReLU of slope
+    0.2 between the ``n_layers`` matrices, ``A_1`` with orthonormal columns
+    (a random orthogonal matrix when square) and the others random
+    orthogonal matrices.  ``n_layers=1`` is a linear mixing.
+
+    Parameters
+    ----------
+    n_segments : int, default=40
+        Number of segments (distinct values of the auxiliary variable).
+    n_per_segment : int, default=500
+        Rows per segment.
+    n_components : int, default=5
+        Number of sources.
+    n_features : int, default=None
+        Observed dimension, at least ``n_components``; ``None`` means
+        ``n_components`` (the square case of the TCL and iVAE papers).
+    n_layers : int, default=2
+        Number of mixing matrices; ``n_layers - 1`` leaky ReLUs.
+    noise_variance : float, default=0.01
+        Variance of the isotropic observation noise.
+    source_means : bool, default=False
+        Give each segment nonzero source means as well as variances.
+    random_state : int, RandomState instance or None, default=None
+        Seeds everything; the draw order is: the source scales, the means
+        (if any), the mixing matrices, the sources, the noise.
+    return_mixing : bool, default=False
+        Also return the ground truth: the :class:`LayeredMixing` and the
+        per-segment source means and variances.
+
+    Returns
+    -------
+    X : ndarray of shape (n_segments * n_per_segment, n_features)
+        Observations, segment by segment.
+    u : ndarray of shape (n_segments * n_per_segment,)
+        Segment label of each row (0, 1, ...).
+    S : ndarray of shape (n_segments * n_per_segment, n_components)
+        The true sources.
+    mixing : LayeredMixing
+        Only with ``return_mixing=True``.
+    segment_means, segment_variances : ndarray of shape (n_segments, n_components)
+        ``m(u)`` and ``v(u)``; only with ``return_mixing=True``.
+
+    Examples
+    --------
+    >>> from sknlica.datasets import make_nonstationary_ica
+    >>> X, u, S = make_nonstationary_ica(4, 50, 3, random_state=0)
+    >>> X.shape, u.shape, S.shape
+    ((200, 3), (200,), (200, 3))
+    """
+    n_features = n_components if n_features is None else n_features
+    if n_features < n_components:
+        raise ValueError(
+            f"n_features={n_features} is below n_components={n_components}: the "
+            "mixing would not be invertible. Pass n_features >= n_components."
+        )
+    seed = check_random_state(random_state).randint(np.iinfo(np.int32).max)
+    rng = np.random.default_rng(seed)
+    # Documented draw order: scales, means, matrices, sources, noise.
+    scales = rng.uniform(0.01, 3.0, size=(n_segments, n_components))
+    means = (
+        rng.uniform(-3.0, 3.0, size=(n_segments, n_components))
+        if source_means
+        else np.zeros((n_segments, n_components))
+    )
+    matrices = [_random_orthonormal(rng, n_features, n_components)]
+    matrices += [
+        _random_orthonormal(rng, n_features, n_features) for _ in range(n_layers - 1)
+    ]
+    mixing = LayeredMixing(tuple(matrices), noise_variance=float(noise_variance))
+    u = np.repeat(np.arange(n_segments), n_per_segment)
+    S = means[u] + scales[u] * rng.standard_normal((len(u), n_components))
+    X = mixing(S)
+    if noise_variance > 0:
+        X += np.sqrt(noise_variance) * rng.standard_normal(X.shape)
+    if return_mixing:
+        return X, u, S, mixing, means, scales**2
+    return X, u, S

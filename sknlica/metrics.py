@@ -536,7 +536,13 @@ class MCCScorer(_BaseScorer):
 
     A plain callable ``scorer(estimator, X, y)`` usable as ``scoring`` in
     scikit-learn's model selection tools with any transformer. The true
-    latents must be passed as ``y`` (e.g. ``search.fit(X, Z)``).
+    latents must be passed as ``y`` (e.g. ``search.fit(X, Z)``).  MCC on the
+    sources themselves measures "strong" identifiability, the natural score
+    of ``prior="conditional"`` fits; "weak" identifiability (up to a linear
+    map) is the mean of :func:`canonical_correlations`.  An estimator with
+    ``prior="conditional"`` needs ``y`` for its segments, so in a search
+    score it by its likelihood and compute the MCC outside (see the user
+    guide's identifiability page).
 
     The mean is taken over the true latents: when the estimate has fewer
     columns, the unmatched latents count as correlation 0, so a model with too

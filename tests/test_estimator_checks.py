@@ -19,6 +19,10 @@ ESTIMATORS = [
     NonlinearICAVAE(**SMALL_VAE, training="alternating", solver="sgd"),
     NonlinearICAVAE(**SMALL_VAE, amortized_variance=True, early_stopping=False),
     NonlinearICAVAE(**SMALL_VAE, noise="diagonal"),
+    # y is the auxiliary variable: the checks pass labels or continuous
+    # values, one segment per distinct value either way.
+    NonlinearICAMLE(**SMALL, prior="conditional"),
+    NonlinearICAVAE(**SMALL_VAE, prior="conditional", prior_means=False),
 ]
 
 

@@ -35,10 +35,15 @@ class MLEModel(nn.Module):
     #: The submodules, in the order the constructor takes them.
     parts = ("decoder", "noise")
 
-    def __init__(self, decoder: nn.Module, noise: NoiseVariance) -> None:
+    def __init__(
+        self, decoder: nn.Module, noise: NoiseVariance, prior: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.decoder = decoder
         self.noise = noise
+        #: The conditional prior (``segments.SegmentPrior``), or ``None`` for
+        #: the standard ``N(0, I)``.
+        self.prior = prior
 
 
 class AmortizedVariance(nn.Module):
@@ -81,11 +86,20 @@ class VAEModel(nn.Module):
     #: The submodules, in the order the constructor takes them.
     parts = ("encoder", "decoder", "noise")
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, noise: nn.Module):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        noise: nn.Module,
+        prior: nn.Module | None = None,
+    ):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.noise = noise
+        #: The conditional prior (``segments.SegmentPrior``; the encoder then
+        #: reads ``x`` and the segment's one-hot code), or ``None``.
+        self.prior = prior
 
     @property
     def amortized(self) -> bool:

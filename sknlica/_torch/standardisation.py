@@ -124,11 +124,14 @@ class Standardisation:
         encoder = getattr(model, "encoder", None)
         if encoder is not None:
             for linear in _input_linears(encoder):
+                # Only the columns that read x: a conditional encoder's last
+                # columns read the segment's one-hot code, which is not data.
+                weight = linear.weight[:, : location.shape[0]]
                 if inverse:
-                    linear.bias.add_(linear.weight @ location)
-                linear.weight.div_(s)
+                    linear.bias.add_(weight @ location)
+                weight.div_(s)
                 if not inverse:
-                    linear.bias.sub_(linear.weight @ location)
+                    linear.bias.sub_(weight @ location)
         _map_noise(model.noise, s**2, log_s2)
 
 

@@ -137,6 +137,9 @@ class TrainingRows:
         Applied to every gathered minibatch (the standardisation of
         ``sknlica._torch.standardisation``), so it never needs a copy of all
         the data.
+    groups : torch.Tensor of int64 or None
+        A group (segment) per training row: minibatches then never mix
+        groups (see :func:`minibatches`).
     """
 
     def __init__(
@@ -144,10 +147,12 @@ class TrainingRows:
         data: torch.Tensor,
         index: torch.Tensor | None = None,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        groups: torch.Tensor | None = None,
     ):
         self.data = data
         self.index = index
         self.transform = transform
+        self.groups = groups
         #: Gathered rows are cast to this dtype (``None``: the data's).
         self._dtype: torch.dtype | None = None
 
@@ -170,7 +175,7 @@ class TrainingRows:
         """The same rows, gathered in ``dtype`` (the data are not copied)."""
         if dtype == self.dtype:
             return self
-        rows = TrainingRows(self.data, self.index, self.transform)
+        rows = TrainingRows(self.data, self.index, self.transform, self.groups)
         rows._dtype = dtype
         return rows
 
@@ -301,16 +306,12 @@ def run_epoch(
     ``average``, when given, is updated after every step.
     """
     model.train()
-    n_rows = len(rows)
-    batch_size = min(batch_size, n_rows)
-    order = torch.randperm(n_rows, generator=generator).to(rows.device)
     # One running sum, not a list of per-step scalars: tensors kept alive
     # across steps pin the heap above each step's freed temporaries, and the
     # process grew by ~0.4 MB per step (~130 MB per epoch at 400k rows).
     total = torch.zeros((), dtype=rows.dtype, device=rows.device)
     n_batches = 0
-    for first in range(0, n_rows, batch_size):
-        positions = order[first : first + batch_size]
+    for positions in minibatches(rows, batch_size, generator):
         total += optimizer_step(
             model,
             objective,
@@ -322,6 +323,38 @@ def run_epoch(
             average.update()
         n_batches += 1
     return (total / n_batches).item()
+
+
+def minibatches(rows: TrainingRows, batch_size: int, generator: torch.Generator):
+    """The positions of one epoch's minibatches, in a random order.
+
+    Without groups: a shuffled pass in batches of ``batch_size`` (the last
+    one smaller).  With groups (the segments of a conditional prior), every
+    batch holds rows of one group only, so that a step evaluates one
+    segment's decoder: each group's shuffled rows are split into the fewest
+    near-equal batches of at most ``batch_size``, and the batches of all
+    groups are visited in a random order.  Measured on 40 segments, the
+    mixed batches cost 12-18x the unconditional epoch (one decoder pass per
+    segment present); segment-pure ones about 1x.
+    """
+    n_rows = len(rows)
+    batch_size = min(batch_size, n_rows)
+    order = torch.randperm(n_rows, generator=generator)
+    if rows.groups is None:
+        order = order.to(rows.device)
+        return [
+            order[first : first + batch_size] for first in range(0, n_rows, batch_size)
+        ]
+    # A stable sort by group keeps the shuffled order within each group.
+    order = order[torch.sort(rows.groups[order], stable=True).indices]
+    sizes = torch.bincount(rows.groups, minlength=int(rows.groups.max()) + 1)
+    batches = []
+    for block in torch.split(order, sizes.tolist()):
+        if len(block):
+            n_batches = -(-len(block) // batch_size)
+            batches += list(torch.tensor_split(block, n_batches))
+    visit = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[index].to(rows.device) for index in visit]
 
 
 @dataclass
