@@ -78,6 +78,12 @@ NOISE_VARIANCE_FLOOR = 1e-6
 #: checked when the noise variance is learned and starts at the default.
 EXPLOSION_MARGIN = 1.0
 
+#: The conditional prior's means and log-variances step at this multiple of
+#: ``learning_rate_init``: on ``make_nonstationary_ica`` data (m = 3, n = 20,
+#: 20 segments, seed 1) the VAE's held-out MCC after 60 epochs was 0.846 at
+#: the decoder's step size (weak MCC 0.993: unmixed only up to a linear map).
+PRIOR_LEARNING_RATE_FACTOR = 10.0
+
 #: ``partial_fit`` call ``k`` seeds its generator with a draw from
 #: ``random_state`` plus this times the epochs already trained, so every call
 #: gets its own stream, reproducibly for an integer seed.
@@ -609,7 +615,7 @@ class BaseNonlinearICA(
         return rows, units.apply(data[order[:n_val]]), order[:n_val]
 
     def _make_optimizers(self, model) -> list[torch.optim.Optimizer]:
-        return [
+        optimizers = [
             make_optimizer(
                 self.solver,
                 list(parameters),
@@ -620,6 +626,25 @@ class BaseNonlinearICA(
             for parameters, noise_parameters in self._parameter_blocks(model)
             if parameters or noise_parameters
         ]
+        if model.prior is not None:
+            # The segment priors step with the decoder they feed, faster: their
+            # log-variances travel up to ~10 units (source scales 0.01-3),
+            # beyond what 3e-3-sized steps cover in a default fit.
+            decoder = next(model.decoder.parameters())
+            owner = next(
+                optimizer
+                for optimizer in optimizers
+                if any(
+                    p is decoder for g in optimizer.param_groups for p in g["params"]
+                )
+            )
+            owner.add_param_group(
+                {
+                    "params": list(model.prior.parameters()),
+                    "lr": PRIOR_LEARNING_RATE_FACTOR * self.learning_rate_init,
+                }
+            )
+        return optimizers
 
     def _build_decoder(self, n_features, *, generator, dtype, device):
         """A fresh decoder MLP ``g`` as the parameters describe it."""

@@ -345,9 +345,6 @@ class NonlinearICAMLE(BaseNonlinearICA):
             list(model.decoder.parameters()),
             list(model.noise.parameters()),
         )
-        if model.prior is not None:
-            # The segment priors step with the decoder they feed.
-            decoder += list(model.prior.parameters())
         if self.solver == "adam":
             return [(decoder, noise)]
         # The report's Algorithm 1: a theta step, then a sigma^2 step at the

@@ -328,9 +328,6 @@ class NonlinearICAVAE(BaseNonlinearICA):
             list(part.parameters())
             for part in (model.encoder, model.decoder, model.noise)
         )
-        if model.prior is not None:
-            # The segment priors belong to the generative model (the M step).
-            decoder += list(model.prior.parameters())
         if self.training == "alternating":
             # Algorithm 1.1: an encoder (E) step, then a decoder (M) step.
             return [(encoder, []), (decoder, noise)]

@@ -314,3 +314,17 @@ def test_make_nonstationary_ica():
     np.testing.assert_allclose(torch_out.numpy(), mixing(S[:5]))
     with pytest.raises(ValueError, match="n_features >= n_components"):
         make_nonstationary_ica(2, 10, 3, 2)
+
+
+def test_warm_start_continues_the_segment_priors_and_checks_the_labels():
+    X, u, _ = _segment_data(seed=5)
+    params = {"prior": "conditional", "max_iter": 2, "random_state": 0}
+    mle = NonlinearICAMLE(warm_start=True, learning_rate_init=0.05, **params)
+    mle = _fit(mle, X, u)
+    before = mle.prior_variances_.copy()
+    _fit(mle, X, u)
+    assert not np.allclose(mle.prior_variances_, before)
+    with pytest.raises(ValueError, match="not seen in fit"):
+        mle.fit(X, u + 1)
+    with pytest.raises(ValueError, match="prior='standard'"):
+        mle.set_params(prior="standard").fit(X, u)

@@ -30,10 +30,7 @@ import torch
 from torch import nn
 
 from sknlica._torch.training import TRAIN_SCORE, Objective, TrainingRows
-
-#: Rows of the training data the VAE's per-epoch monitor scores (as without
-#: segments: see ``vae_objectives.MONITOR_ROWS``), spread over the segments.
-MONITOR_ROWS = 2048
+from sknlica._torch.vae_objectives import MONITOR_ROWS
 
 
 class SegmentPrior(nn.Module):
@@ -198,7 +195,8 @@ class SegmentedObjective(Objective):
         return total / batch.shape[0]
 
     def epoch_scores(self, model, rows, validation, train_objective) -> dict:
-        # The monitored training rows: evenly spaced, MONITOR_ROWS in all.
+        # The monitored training rows: evenly spaced, as many in all as the
+        # VAE monitors without segments (the MLE's scores do not read them).
         stride = max(1, len(rows) // MONITOR_ROWS)
         monitored = torch.arange(0, len(rows), stride, device=rows.device)
         monitored_codes = self.train_codes[monitored]
