@@ -144,8 +144,9 @@ PRIOR_PARAMETERS_DOC = """\
         needs ``y = u`` (any discrete labels), and ``transform``,
         ``score_samples``, ``score`` and ``sample`` take it too (without it
         they use the marginal prior, the mixture of the segment priors with
-        the training rows' weights).  See the user guide's identifiability
-        page.
+        the training rows' weights).  The segment priors start at ``N(0,
+        I)`` and step at 10 times ``learning_rate_init``.  See the user
+        guide's identifiability page.
     prior_means : bool, default=True
         With ``prior="conditional"``, learn the segment means ``mu(u)``;
         ``False`` fixes them at zero (only the variances change with ``u``,
