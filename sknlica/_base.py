@@ -721,9 +721,8 @@ class BaseNonlinearICA(
     def _store_prior(self, prior, segments) -> None:
         """The conditional prior's fitted attributes (removed for the standard
         prior, so that a refit leaves none stale)."""
-        names = ("prior_", "segments_", "prior_means_", "prior_variances_")
         if prior is None:
-            for name in (*names, "prior_weights_"):
+            for name in _PRIOR_ATTRIBUTES:
                 self.__dict__.pop(name, None)
             return
         self.prior_ = prior.cpu().eval()
@@ -746,7 +745,9 @@ class BaseNonlinearICA(
         prior = model.prior
         if codes is not None:
             log_p = x.new_empty(x.shape[0])
-            mean = x.new_empty((x.shape[0], prior.means.shape[1]))
+            mean = (
+                x.new_empty((x.shape[0], prior.means.shape[1])) if with_mean else None
+            )
             for segment, positions in segment_positions(codes):
                 part, eps_mean = self._log_likelihood_and_mean(
                     x[positions], segment_view(model, segment), with_mean
@@ -755,7 +756,7 @@ class BaseNonlinearICA(
                 if with_mean:
                     with torch.no_grad():
                         mean[positions] = prior.to_latent(eps_mean, segment)
-            return log_p, mean if with_mean else None
+            return log_p, mean
         parts = [
             self._log_likelihood_and_mean(x, segment_view(model, segment), with_mean)
             for segment in range(prior.n_segments)
@@ -1318,6 +1319,16 @@ _LOG_LIKELIHOOD_ENTRIES = (
     "validation_log_likelihood",
     "train_elbo",
     "validation_elbo",
+)
+
+
+#: The fitted attributes of the conditional prior (``_store_prior``).
+_PRIOR_ATTRIBUTES = (
+    "prior_",
+    "segments_",
+    "prior_means_",
+    "prior_variances_",
+    "prior_weights_",
 )
 
 

@@ -99,6 +99,7 @@ class NonlinearICAMLE(BaseNonlinearICA):
         report's generator it moves the held-out gap by less than 0.01 at
         1.4-4x the fit time, hence off by default.
     {noise_parameters}
+    {prior_parameters}
     solver : {"adam", "sgd", "lbfgs"}, default="adam"
         ``"sgd"`` is the report's Algorithm 1: plain gradient ascent
         alternating a step on the decoder and a step on ``sigma^2``.
@@ -137,6 +138,7 @@ class NonlinearICAMLE(BaseNonlinearICA):
     n_polish_iter_ : int
         L-BFGS iterations run (0 without a polish).  With ``solver="lbfgs"``
         ``n_iter_`` counts them too.
+    {prior_attributes}
     {shared_attributes}
 
     See Also

@@ -92,6 +92,7 @@ class NonlinearICAVAE(BaseNonlinearICA):
         ``log s^2(z) = W_2 h(z) + b_2`` on the decoder's last hidden layer;
         ``sample`` then draws each row's noise with variance ``s^2(z)``.
     {noise_parameters}
+    {prior_parameters}
     n_eval_samples : int, default=1024
         Draws of the importance-sampling estimate in ``score_samples`` and
         :meth:`elbo`: fixed scrambled Sobol points mapped to N(0, I), shared by
@@ -131,6 +132,7 @@ class NonlinearICAVAE(BaseNonlinearICA):
         ``noise="diagonal"``); ``seconds`` since the fit started.
         Everything but ``train_objective`` is of the averaged parameters
         (``ema_decay``).
+    {prior_attributes}
     {shared_attributes}
 
     See Also

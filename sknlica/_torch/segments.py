@@ -29,7 +29,12 @@ import math
 import torch
 from torch import nn
 
-from sknlica._torch.training import TRAIN_SCORE, Objective, TrainingRows
+from sknlica._torch.training import (
+    TRAIN_SCORE,
+    Objective,
+    TrainingRows,
+    WrappedObjective,
+)
 from sknlica._torch.vae_objectives import MONITOR_ROWS
 
 
@@ -145,7 +150,7 @@ def segment_positions(codes: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     ]
 
 
-class SegmentedObjective(Objective):
+class SegmentedObjective(WrappedObjective):
     """An objective trained segment by segment on :func:`segment_view` s.
 
     The minibatch loss is the row-weighted mean of the inner loss on each
@@ -165,23 +170,9 @@ class SegmentedObjective(Objective):
     """
 
     def __init__(self, objective: Objective, train_codes, validation_codes=None):
-        self.objective = objective
+        super().__init__(objective)
         self.train_codes = train_codes
         self.validation_codes = validation_codes
-
-    def __getattr__(self, name):
-        # Only called for attributes not found here: the inner objective's
-        # (validation_scores, trains_adaptively, ...).
-        return getattr(self.__dict__["objective"], name)
-
-    def begin_epoch(self, epoch: int) -> None:
-        self.objective.begin_epoch(epoch)
-
-    def before_step(self, optimizer) -> None:
-        self.objective.before_step(optimizer)
-
-    def end_epoch(self, entry: dict) -> None:
-        self.objective.end_epoch(entry)
 
     def loss(self, model, batch, rows):
         if rows is None:

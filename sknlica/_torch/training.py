@@ -92,24 +92,24 @@ class WeightPenalty:
         return self.scale * sum(weight.square().sum() for weight in self.weights)
 
 
-class PenalisedObjective(Objective):
-    """An objective whose loss carries a :class:`WeightPenalty`.
+class WrappedObjective(Objective):
+    """An objective that changes part of another: everything it does not
+    override (scores, hooks, attributes) is the wrapped ``objective``'s."""
 
-    Everything else (scores, hooks, attributes) is the wrapped objective's.
-    """
-
-    def __init__(self, objective: Objective, penalty: WeightPenalty) -> None:
+    def __init__(self, objective: Objective) -> None:
         self.objective = objective
-        self.penalty = penalty
 
     def __getattr__(self, name):
-        return getattr(self.objective, name)
+        # Only called for attributes not found here (validation_scores,
+        # trains_adaptively, ...); through __dict__, so that a half-built
+        # copy does not recurse.
+        return getattr(self.__dict__["objective"], name)
 
     def begin_epoch(self, epoch: int) -> None:
         self.objective.begin_epoch(epoch)
 
     def loss(self, model, batch, rows):
-        return self.objective.loss(model, batch, rows) + self.penalty()
+        return self.objective.loss(model, batch, rows)
 
     def before_step(self, optimizer) -> None:
         self.objective.before_step(optimizer)
@@ -119,6 +119,17 @@ class PenalisedObjective(Objective):
 
     def end_epoch(self, entry: dict) -> None:
         self.objective.end_epoch(entry)
+
+
+class PenalisedObjective(WrappedObjective):
+    """An objective whose loss carries a :class:`WeightPenalty`."""
+
+    def __init__(self, objective: Objective, penalty: WeightPenalty) -> None:
+        super().__init__(objective)
+        self.penalty = penalty
+
+    def loss(self, model, batch, rows):
+        return self.objective.loss(model, batch, rows) + self.penalty()
 
 
 class TrainingRows:
