@@ -500,6 +500,11 @@ class BaseNonlinearICA(
         ``model`` (the inference model, or a segment's view of it, whose
         latents are then the standardised ``eps``), as tensors."""
 
+    def _latent_mean(self, x: torch.Tensor, model) -> torch.Tensor:
+        """The latent mean alone (what ``transform`` needs); subclasses whose
+        mean costs less than the log-likelihood override it."""
+        return self._log_likelihood_and_mean(x, model, True)[1]
+
     # ------------------------------------------------------------- utilities
     @property
     def _n_features_out(self):
@@ -731,6 +736,21 @@ class BaseNonlinearICA(
             self.prior_means_ = prior.means.double().numpy().copy()
             self.prior_variances_ = prior.variances.double().numpy()
             self.prior_weights_ = torch.exp(prior.log_weights).double().numpy()
+
+    def _infer_mean(self, x: torch.Tensor, codes) -> torch.Tensor:
+        """``E[z | x]`` (or ``E[z | x, u]`` given ``codes``) alone; the
+        marginal prior needs the log-likelihoods for its weights."""
+        model = self._inference_model(x.dtype)
+        if model.prior is None:
+            return self._latent_mean(x, model)
+        if codes is None:
+            return self._infer(x, codes, with_mean=True)[1]
+        mean = x.new_empty((x.shape[0], model.prior.means.shape[1]))
+        for segment, positions in segment_positions(codes):
+            eps_mean = self._latent_mean(x[positions], segment_view(model, segment))
+            with torch.no_grad():
+                mean[positions] = model.prior.to_latent(eps_mean, segment)
+        return mean
 
     def _infer(self, x: torch.Tensor, codes, *, with_mean: bool):
         """``(log p(x), E[z | x])`` of validated rows as tensors (the mean only
@@ -1127,11 +1147,16 @@ class BaseNonlinearICA(
         An estimate of the likelihood itself, not a bound, so the values of
         both estimators, and of the true model
         (:func:`~sknlica.marginal_log_likelihood`), are comparable:
-        :class:`~sknlica.NonlinearICAMLE` integrates ``z`` out with its
-        evaluation rule (``n_eval_nodes``), :class:`~sknlica.NonlinearICAVAE`
-        by importance sampling with its encoder as the proposal
-        (``n_eval_samples``).  Deterministic, and a row's value does not
-        depend on the other rows passed.
+        both go through one evaluator: a fixed rule over the prior
+        (:class:`~sknlica.NonlinearICAMLE`'s ``n_eval_nodes``, 16,384 for
+        :class:`~sknlica.NonlinearICAVAE`), and for the rows where that
+        rule is inaccurate (few effective nodes), importance sampling from a
+        mixture adapted to the row's posterior: Laplace Gaussians at the
+        modes found from several starts, a moment-matched Gaussian, the
+        prior, and for the VAE its encoder ``q(z | x)`` and a widened copy.
+        (With ``amortized_variance=True`` the VAE's encoder is the only
+        proposal, ``n_eval_samples`` draws.)  Deterministic, and a row's
+        value does not depend on the other rows passed.
 
         Parameters
         ----------
@@ -1178,7 +1203,7 @@ class BaseNonlinearICA(
         """
         X = self._check_fitted_input(X)
         codes = self._inference_codes(y, X.shape[0])
-        return self._infer(self._to_tensor(X), codes, with_mean=True)[1].numpy()
+        return self._infer_mean(self._to_tensor(X), codes).numpy()
 
     def score(self, X, y=None) -> float:
         """Mean log-likelihood per sample, ``mean(score_samples(X, y))``.

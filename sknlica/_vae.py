@@ -14,6 +14,12 @@ from sknlica._base import (
     check_count,
     uses_torch_threads,
 )
+from sknlica._torch.adaptive import EncoderProposal
+from sknlica._torch.evaluation import (
+    EVALUATION_NODES,
+    decoded_evaluation_rule,
+    evaluate,
+)
 from sknlica._torch.gaussian import reparameterize, standard_normal_draws
 from sknlica._torch.models import AmortizedVariance, VAEModel
 from sknlica._torch.networks import GaussianHead
@@ -50,9 +56,10 @@ class NonlinearICAVAE(BaseNonlinearICA):
     q(z_k \mid x)` (IWAE) with ``n_importance_samples`` draws.
 
     ``score_samples`` does not return a bound: it estimates :math:`\log
-    p(x)` by importance sampling with the encoder as proposal, so its values
-    are directly comparable with :class:`NonlinearICAMLE`'s; :meth:`elbo`
-    returns the bound.
+    p(x)` with :class:`NonlinearICAMLE`'s evaluator, whose importance
+    sampler also draws from the encoder, so its values are directly
+    comparable with :class:`NonlinearICAMLE`'s; :meth:`elbo` returns the
+    bound.
 
     Parameters
     ----------
@@ -94,10 +101,12 @@ class NonlinearICAVAE(BaseNonlinearICA):
     {noise_parameters}
     {prior_parameters}
     n_eval_samples : int, default=1024
-        Draws of the importance-sampling estimate in ``score_samples`` and
-        :meth:`elbo`: fixed scrambled Sobol points mapped to N(0, I), shared by
-        all rows.  The per-epoch scores use fewer such draws (see the user
-        guide).
+        Draws of the encoder's importance-sampling estimates in :meth:`elbo`
+        (and in ``score_samples`` with ``amortized_variance=True``; otherwise
+        ``score_samples`` uses the shared evaluator, see
+        :meth:`score_samples`): fixed scrambled Sobol points mapped to N(0,
+        I), shared by all rows.  The per-epoch scores use fewer such draws
+        (see the user guide).
     solver : {"adam", "sgd"}, default="adam"
         Optimiser.
     learning_rate_init : float, default=3e-3
@@ -354,11 +363,35 @@ class NonlinearICAVAE(BaseNonlinearICA):
         return encoder_estimate(model, x, eps, width=width)
 
     def _log_likelihood_and_mean(self, x, model, with_mean):
-        log_p = self._estimate(x, model)[0]
-        if not with_mean:
-            return log_p, None
+        """``log p(x)`` by the MLE's evaluator with the encoder in its mixture
+        (the encoder alone where the noise variance depends on ``z``), and
+        the encoder mean."""
         with torch.no_grad():
-            return log_p, model.encode(x)[0]
+            mean, log_var = model.encode(x)
+        if model.amortized:
+            log_p = self._estimate(x, model)[0]
+        else:
+            rule = decoded_evaluation_rule(
+                model.decoder,
+                self._fitted_n_components,
+                EVALUATION_NODES,
+                dtype=x.dtype,
+            )
+            log_p = evaluate(
+                x,
+                rule,
+                model.decoder,
+                torch.as_tensor(self.noise_variance_, dtype=x.dtype),
+                with_mean=False,
+                centre=self._standardisation_.mean.to(x.dtype),
+                encoder=EncoderProposal(mean, torch.exp(0.5 * log_var)),
+            ).log_marginal
+        return log_p, mean if with_mean else None
+
+    def _latent_mean(self, x, model):
+        """The encoder mean: ``transform`` needs no log-likelihood."""
+        with torch.no_grad():
+            return model.encode(x)[0]
 
     @uses_torch_threads
     def elbo(self, X, y=None):

@@ -207,7 +207,7 @@ def test_resampled_draws_come_from_the_posterior_bulk():
 
 
 def test_component_fractions_are_validated():
-    with pytest.raises(ValueError, match="three non-negative fractions"):
+    with pytest.raises(ValueError, match="at least two non-negative fractions"):
         adaptive.proposal_normals(2, 16, fractions=(0.5, 0.6, -0.1))
 
 

@@ -17,8 +17,10 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal
 
+from sknlica._torch import adaptive
 from sknlica._torch.evaluation import (
     ESS_THRESHOLD,
+    EVALUATION_STARTS,
     DecodedRule,
     decode_nodes,
     decoded_evaluation_rule,
@@ -107,7 +109,8 @@ def test_evaluate_flags_exactly_the_rows_below_the_threshold(problem, threshold)
     assert torch.equal(result.low_ess, ess < threshold)
     n_low = int(result.low_ess.sum())
     # The adaptive rule's starts, for the flagged rows only.
-    assert result.start.point.shape == result.start.mean.shape == (n_low, 2)
+    assert result.start.point.shape == (n_low, EVALUATION_STARTS, 2)
+    assert result.start.mean.shape == (n_low, 2)
     assert result.start.covariance.shape == (n_low, 2, 2)
 
 
@@ -279,3 +282,58 @@ def test_decoded_evaluation_rule_is_the_fixed_auto_rule():
     qmc = decoded_evaluation_rule(wide, 5, 256, dtype=F64)
     again = decoded_evaluation_rule(wide, 5, 256, dtype=F64)
     assert torch.equal(qmc.nodes, again.nodes)
+
+
+# ------------------------------------------------------- multimodal posteriors
+def _folded(z):
+    """``g(z) = (z_1^2, z_2)``: ``p(z | x)`` has modes at ``z_1 = +-sqrt(x_1)``."""
+    return torch.stack([z[:, 0].square(), z[:, 1]], dim=1)
+
+
+def _folded_log_marginal(x, noise):
+    """``log p(x)`` of :func:`_folded`: a dense 1-D sum over ``z_1`` times the
+    closed form ``N(x_2; 0, 1 + sigma^2)`` of the linear coordinate."""
+    z1 = torch.linspace(-8, 8, 400_001, dtype=F64)
+    log_prior = -0.5 * (z1.square() + math.log(2 * math.pi)) + math.log(z1[1] - z1[0])
+    log_lik = -0.5 * (
+        (x[:, :1] - z1.square()).square() / noise + math.log(2 * math.pi * noise)
+    )
+    first = torch.logsumexp(log_lik + log_prior, dim=1)
+    second = -0.5 * (
+        x[:, 1].square() / (1 + noise) + math.log(2 * math.pi * (1 + noise))
+    )
+    return first + second
+
+
+def test_spread_starts_reach_both_modes_and_the_score_counts_both():
+    noise = torch.tensor(0.01, dtype=F64)
+    x = torch.tensor([[1.0, 0.3], [2.0, -0.5], [3.0, 1.0], [1.5, 0.0]], dtype=F64)
+    rule = decoded_evaluation_rule(_folded, 2, 4096, dtype=F64)
+    result = evaluate(x, rule, _folded, noise, ess_threshold=math.inf)
+    # The starts lie near both signs of z_1 (the modes +-sqrt(x_1)).
+    signs = torch.sign(result.start.point[:, :, 0])
+    assert torch.all((signs > 0).any(1) & (signs < 0).any(1))
+    expected = _folded_log_marginal(x, noise)
+    # Measured: at most 0.006 nats; with one start (one Laplace component, the
+    # other mode left to the moment-matched and prior ones) up to 0.13.
+    torch.testing.assert_close(result.log_marginal, expected, atol=0.02, rtol=0)
+
+
+def test_spread_best_nodes_are_spaced_and_start_at_the_best():
+    generator = torch.Generator().manual_seed(0)
+    # 100 nodes: the 64 best spread wide enough for four spaced starts.
+    nodes = torch.randn(100, 2, generator=generator, dtype=F64)
+    joint = -((nodes - torch.tensor([1.0, 0.0], dtype=F64)).square().sum(1))[None]
+    points = adaptive.spread_best_nodes(joint, nodes, 4)[0]
+    assert torch.equal(points[0], nodes[joint.argmax()])
+    gaps = torch.cdist(points, points) + torch.eye(4, dtype=F64) * 1e9
+    assert gaps.min() > adaptive.START_SPACING
+    # Each later start is the best candidate spaced from those before it.
+    order = joint[0].argsort(descending=True)[: adaptive.START_CANDIDATES]
+    for k in range(1, 4):
+        spaced = [
+            i
+            for i in order.tolist()
+            if torch.cdist(nodes[i : i + 1], points[:k]).min() > adaptive.START_SPACING
+        ]
+        assert torch.equal(points[k], nodes[spaced[0]])
