@@ -104,7 +104,15 @@ def test_evaluate_flags_exactly_the_rows_below_the_threshold(problem, threshold)
     ess = 1.0 / weights.square().sum(1)
     # No row sits within round-off of the threshold (the flags are unambiguous).
     assert torch.all((ess - threshold).abs() > 1e-6 * ess)
-    result = evaluate(x, rule, decoder, noise, ess_threshold=threshold, refine=False)
+    result = evaluate(
+        x,
+        rule,
+        decoder,
+        noise,
+        ess_threshold=threshold,
+        refine=False,
+        check_modes=False,
+    )
     torch.testing.assert_close(result.ess, ess, rtol=1e-10, atol=0)
     assert torch.equal(result.low_ess, ess < threshold)
     n_low = int(result.low_ess.sum())
@@ -337,3 +345,28 @@ def test_spread_best_nodes_are_spaced_and_start_at_the_best():
             if torch.cdist(nodes[i : i + 1], points[:k]).min() > adaptive.START_SPACING
         ]
         assert torch.equal(points[k], nodes[spaced[0]])
+
+
+def test_a_high_ess_row_whose_posterior_misses_every_node_is_refined():
+    # A sharp posterior at the origin (g(z) = 50 z, x = 0) and a rule whose
+    # 100 equally weighted nodes all lie on a circle of radius 0.5 around it:
+    # every node weighs the same, so the ESS is 100, yet the rule misses the
+    # posterior by hundreds of nats.  The mode check finds the mass.
+    def steep(z):
+        return 50.0 * z
+
+    angles = torch.linspace(0, 2 * math.pi, 101, dtype=F64)[:-1]
+    nodes = 0.5 * torch.stack([angles.cos(), angles.sin()], dim=1)
+    log_weights = torch.full((100,), -math.log(100), dtype=F64)
+    rule = DecodedRule(nodes, log_weights, steep(nodes))
+    noise = torch.tensor(1.0, dtype=F64)
+    x = torch.zeros(1, 2, dtype=F64)
+    unchecked = evaluate(x, rule, steep, noise, check_modes=False)
+    checked = evaluate(x, rule, steep, noise)
+    # Closed form: x ~ N(0, (2500 + 1) I).
+    expected = -math.log(2 * math.pi * 2501.0)
+    assert unchecked.ess.item() == pytest.approx(100.0)
+    assert not unchecked.low_ess.any()
+    assert unchecked.log_marginal.item() < expected - 100
+    assert checked.low_ess.all()
+    assert checked.log_marginal.item() == pytest.approx(expected, abs=0.02)
