@@ -242,12 +242,16 @@ ENCODER_MEAN_LIMIT = 1e3
 MASS_MARGIN = 1.0
 
 
+#: Rows per chunk of the mass checks: a mode search holds a few ``(rows, n,
+#: m)`` Jacobians and ``(rows, 6, n)`` candidates at a time.
+MASS_CHECK_ROWS = 2048
+
+
 def _encoder_sees_more(x, decoder, noise_variance, encoder, log_marginal):
     """Rows where the encoder's Gaussian claims more mass than the rule found."""
     flags = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    step = chunk_rows(1, PAIRWISE_ELEMENTS)
-    for first in range(0, len(x), step):
-        chunk = slice(first, first + step)
+    for first in range(0, len(x), MASS_CHECK_ROWS):
+        chunk = slice(first, first + MASS_CHECK_ROWS)
         joint = latent_log_joint(
             x[chunk], encoder.mean[chunk, None, :], decoder, noise_variance
         )[:, 0]
@@ -266,21 +270,28 @@ def _mode_sees_more(
     """Rows whose Laplace mass at the mode reached from their best prior node
     exceeds the prior rule's ``log p(x)`` by :data:`MASS_MARGIN`."""
     nodes, log_weights, g = rule
-    if not len(x):
-        return torch.zeros(0, dtype=torch.bool, device=x.device)
-    points = []
-    for chunk in x.split(chunk_rows(g.shape[0], PAIRWISE_ELEMENTS)):
-        joint, _ = pairwise_log_joint_parts(
-            chunk, g, log_weights, noise_variance, centre
+    m = nodes.shape[1]
+    # Preallocated, filled chunk by chunk: see likelihood.prior_rule_pass.
+    flags = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    pairwise_step = chunk_rows(g.shape[0], PAIRWISE_ELEMENTS)
+    for first in range(0, len(x), MASS_CHECK_ROWS):
+        chunk = slice(first, first + MASS_CHECK_ROWS)
+        rows = x[chunk]
+        points = rows.new_empty((len(rows), m))
+        for start in range(0, len(rows), pairwise_step):
+            part = slice(start, start + pairwise_step)
+            joint, _ = pairwise_log_joint_parts(
+                rows[part], g, log_weights, noise_variance, centre
+            )
+            points[part] = nodes[joint.argmax(dim=1)]
+        mode, precision = find_mode(rows, decoder, noise_variance, points)
+        mass = (
+            latent_log_joint(rows, mode[:, None, :], decoder, noise_variance)[:, 0]
+            + 0.5 * m * math.log(2 * math.pi)
+            - 0.5 * torch.logdet(precision)
         )
-        points.append(nodes[joint.argmax(dim=1)])
-    mode, precision = find_mode(x, decoder, noise_variance, torch.cat(points))
-    mass = (
-        latent_log_joint(x, mode[:, None, :], decoder, noise_variance)[:, 0]
-        + 0.5 * nodes.shape[1] * math.log(2 * math.pi)
-        - 0.5 * torch.logdet(precision)
-    )
-    return mass > log_marginal + MASS_MARGIN
+        flags[chunk] = mass > log_marginal[chunk] + MASS_MARGIN
+    return flags
 
 
 def _finite_encoder(encoder: EncoderProposal) -> EncoderProposal:
