@@ -25,6 +25,7 @@ import math
 import numpy as np
 import torch
 
+from sknlica._marginal import _float64_decoder
 from sknlica._torch.adaptive import find_mode
 from sknlica._torch.gaussian import latent_log_joint
 from sknlica._torch.integration import prior_rule
@@ -38,16 +39,6 @@ MASS_WINDOW = 20.0
 #: prior's share of the draws.
 WIDTHS = (1.5, 3.0)
 PRIOR_SHARE = 0.1
-
-
-def _decoder64(decoder):
-    param = next(decoder.parameters(), None)
-    dtype = torch.float64 if param is None else param.dtype
-
-    def decode(z):
-        return decoder(z.to(dtype)).to(torch.float64)
-
-    return decode
 
 
 def _distinct_modes(modes, values, log_mass):
@@ -66,7 +57,7 @@ def high_effort_log_likelihood(
     X, decoder, noise_variance, n_components, *, n_draws=2**15, seed=1
 ):
     """Per-row ``log p(x)`` and the importance sampler's ESS, as numpy arrays."""
-    decode = _decoder64(decoder)
+    decode = _float64_decoder(decoder)
     x = torch.as_tensor(np.asarray(X), dtype=torch.float64)
     s2 = torch.as_tensor(noise_variance, dtype=torch.float64)
     m = n_components
@@ -111,7 +102,7 @@ def high_effort_log_likelihood(
                 factors.append(width * chol)
                 shares.append((1 - PRIOR_SHARE) * weight / len(WIDTHS))
         shares.append(torch.tensor(PRIOR_SHARE, dtype=torch.float64))
-        shares = torch.stack([torch.as_tensor(s) for s in shares])
+        shares = torch.stack(shares)
         picks = torch.multinomial(
             shares, n_draws, replacement=True, generator=generator
         )

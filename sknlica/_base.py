@@ -43,6 +43,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
+from sknlica._torch.evaluation import EVALUATION_NODES, decoded_evaluation_rule
 from sknlica._torch.gaussian import gaussian_log_density
 from sknlica._torch.networks import ACTIVATIONS, NoiseVariance, make_mlp
 from sknlica._torch.segments import (
@@ -499,6 +500,25 @@ class BaseNonlinearICA(
         """``(log p(x), latent mean or None)`` of validated rows under
         ``model`` (the inference model, or a segment's view of it, whose
         latents are then the standardised ``eps``), as tensors."""
+
+    def _n_evaluation_nodes(self) -> int:
+        """Nodes of the prior rule that scores the fitted model."""
+        return EVALUATION_NODES
+
+    def _evaluation_parts(self, x: torch.Tensor, model):
+        """``model``'s decoder (the inference model's, or a segment's view),
+        sigma^2, the decoded evaluation rule and the centre of the distance
+        expansion (the training mean: fitted state)."""
+        decoder = model.decoder
+        noise = torch.tensor(self.noise_variance_, dtype=x.dtype)
+        rule = decoded_evaluation_rule(
+            decoder,
+            self._fitted_n_components,
+            self._n_evaluation_nodes(),
+            dtype=x.dtype,
+        )
+        centre = self._standardisation_.mean.to(x.dtype)
+        return decoder, noise, rule, centre
 
     def _latent_mean(self, x: torch.Tensor, model) -> torch.Tensor:
         """The latent mean alone (what ``transform`` needs); subclasses whose

@@ -10,11 +10,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from sknlica._base import BaseNonlinearICA, check_count, uses_torch_threads
-from sknlica._torch.evaluation import (
-    decoded_evaluation_rule,
-    evaluate,
-    resample_posterior,
-)
+from sknlica._torch.evaluation import evaluate, resample_posterior
 from sknlica._torch.gaussian import latent_log_joint
 from sknlica._torch.integration import RULES, check_grid_budget, prior_rule
 from sknlica._torch.likelihood import GRADIENTS
@@ -354,17 +350,8 @@ class NonlinearICAMLE(BaseNonlinearICA):
         return [(decoder, []), ([], noise)]
 
     # ------------------------------------------------------------ inference
-    def _evaluation_parts(self, x, model):
-        """``model``'s decoder (the inference model's, or a segment's view),
-        sigma^2, the decoded rule and the centre of the distance expansion
-        (the training mean: fitted state)."""
-        decoder = model.decoder
-        noise = torch.tensor(self.noise_variance_, dtype=x.dtype)
-        rule = decoded_evaluation_rule(
-            decoder, self._fitted_n_components, self.n_eval_nodes, dtype=x.dtype
-        )
-        centre = self._standardisation_.mean.to(x.dtype)
-        return decoder, noise, rule, centre
+    def _n_evaluation_nodes(self) -> int:
+        return self.n_eval_nodes
 
     def _log_likelihood_and_mean(self, x, model, with_mean):
         decoder, noise, rule, centre = self._evaluation_parts(x, model)

@@ -15,11 +15,7 @@ from sknlica._base import (
     uses_torch_threads,
 )
 from sknlica._torch.adaptive import EncoderProposal
-from sknlica._torch.evaluation import (
-    EVALUATION_NODES,
-    decoded_evaluation_rule,
-    evaluate,
-)
+from sknlica._torch.evaluation import evaluate
 from sknlica._torch.gaussian import reparameterize, standard_normal_draws
 from sknlica._torch.models import AmortizedVariance, VAEModel
 from sknlica._torch.networks import GaussianHead
@@ -371,19 +367,14 @@ class NonlinearICAVAE(BaseNonlinearICA):
         if model.amortized:
             log_p = self._estimate(x, model)[0]
         else:
-            rule = decoded_evaluation_rule(
-                model.decoder,
-                self._fitted_n_components,
-                EVALUATION_NODES,
-                dtype=x.dtype,
-            )
+            decoder, noise, rule, centre = self._evaluation_parts(x, model)
             log_p = evaluate(
                 x,
                 rule,
-                model.decoder,
-                torch.as_tensor(self.noise_variance_, dtype=x.dtype),
+                decoder,
+                noise,
                 with_mean=False,
-                centre=self._standardisation_.mean.to(x.dtype),
+                centre=centre,
                 encoder=EncoderProposal(mean, torch.exp(0.5 * log_var)),
             ).log_marginal
         return log_p, mean if with_mean else None

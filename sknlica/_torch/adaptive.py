@@ -149,14 +149,14 @@ def prior_start(
     log_weights: torch.Tensor,
     noise_variance: torch.Tensor,
     centre: torch.Tensor | None = None,
-    n_points: int = 1,
+    n_points: int | None = None,
 ) -> ProposalStart:
     """Best node, posterior mean and covariance under a prior rule's weights.
 
     Shapes ``(B, m)``, ``(B, m)`` and ``(B, m, m)``: the start of the mode
     search and the moment-matched component of the proposal.  ``centre``
-    shifts the distance expansion (see ``gaussian.py``).  With ``n_points >
-    1`` the points are ``(B, n_points, m)``: :func:`spread_best_nodes`.
+    shifts the distance expansion (see ``gaussian.py``).  Given ``n_points``
+    the points are ``(B, n_points, m)``: :func:`spread_best_nodes`.
     """
     # The row terms are constant along each row: the weights do not need them.
     joint, _ = pairwise_log_joint_parts(x, g, log_weights, noise_variance, centre)
@@ -173,7 +173,7 @@ def prior_start(
     covariance = (eigenvectors * eigenvalues.clamp_min(0)[:, None, :]) @ (
         eigenvectors.transpose(1, 2)
     )
-    if n_points == 1:
+    if n_points is None:
         return ProposalStart(nodes[joint.argmax(dim=1)], mean, covariance)
     return ProposalStart(spread_best_nodes(joint, nodes, n_points), mean, covariance)
 

@@ -182,9 +182,10 @@ def evaluate(
         noise_variance,
         nodes=nodes if with_mean else None,
         with_ess=True,
+        with_best=encoder is None and check_modes,
         centre=centre,
     )
-    log_marginal, mean, ess = first_pass
+    log_marginal, mean, ess, best = first_pass
     low_ess = ess < ess_threshold
     if encoder is not None:
         encoder = _finite_encoder(encoder)
@@ -192,12 +193,10 @@ def evaluate(
     elif check_modes:
         high = (~low_ess).nonzero().squeeze(1)
         low_ess[high] = _mode_sees_more(
-            x[high], rule, decoder, noise_variance, centre, log_marginal[high]
+            x[high], nodes[best[high]], decoder, noise_variance, log_marginal[high]
         )
     rows = low_ess.nonzero().squeeze(1)
     start = _prior_starts(x[rows], rule, noise_variance, centre, EVALUATION_STARTS)
-    if start.point.ndim == 2:  # one start per row: (B, 1, m) all the same
-        start = start._replace(point=start.point[:, None, :])
     if encoder is not None:
         encoder = EncoderProposal(*(part[rows] for part in encoder))
         # The encoder's mean is one more start of the mode search.
@@ -247,48 +246,45 @@ MASS_MARGIN = 1.0
 MASS_CHECK_ROWS = 2048
 
 
+def _gaussian_mass(x, points, decoder, noise_variance, half_log_det_covariance):
+    """``log p(x, z) + (m/2) log(2 pi) + (1/2) log det C`` at ``points``: the
+    mass a Gaussian of covariance ``C`` there claims for ``p(x)``."""
+    joint = latent_log_joint(x, points[:, None, :], decoder, noise_variance)[:, 0]
+    return (
+        joint
+        + 0.5 * points.shape[1] * math.log(2 * math.pi)
+        + (half_log_det_covariance)
+    )
+
+
 def _encoder_sees_more(x, decoder, noise_variance, encoder, log_marginal):
     """Rows where the encoder's Gaussian claims more mass than the rule found."""
     flags = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     for first in range(0, len(x), MASS_CHECK_ROWS):
         chunk = slice(first, first + MASS_CHECK_ROWS)
-        joint = latent_log_joint(
-            x[chunk], encoder.mean[chunk, None, :], decoder, noise_variance
-        )[:, 0]
-        mass = (
-            joint
-            + 0.5 * encoder.mean.shape[1] * math.log(2 * math.pi)
-            + torch.log(encoder.std[chunk]).sum(1)
+        mass = _gaussian_mass(
+            x[chunk],
+            encoder.mean[chunk],
+            decoder,
+            noise_variance,
+            torch.log(encoder.std[chunk]).sum(1),
         )
         flags[chunk] = mass > log_marginal[chunk] + MASS_MARGIN
     return flags
 
 
-def _mode_sees_more(
-    x, rule: DecodedRule, decoder, noise_variance, centre, log_marginal
-):
+def _mode_sees_more(x, best_nodes, decoder, noise_variance, log_marginal):
     """Rows whose Laplace mass at the mode reached from their best prior node
     exceeds the prior rule's ``log p(x)`` by :data:`MASS_MARGIN`."""
-    nodes, log_weights, g = rule
-    m = nodes.shape[1]
     # Preallocated, filled chunk by chunk: see likelihood.prior_rule_pass.
     flags = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    pairwise_step = chunk_rows(g.shape[0], PAIRWISE_ELEMENTS)
     for first in range(0, len(x), MASS_CHECK_ROWS):
         chunk = slice(first, first + MASS_CHECK_ROWS)
-        rows = x[chunk]
-        points = rows.new_empty((len(rows), m))
-        for start in range(0, len(rows), pairwise_step):
-            part = slice(start, start + pairwise_step)
-            joint, _ = pairwise_log_joint_parts(
-                rows[part], g, log_weights, noise_variance, centre
-            )
-            points[part] = nodes[joint.argmax(dim=1)]
-        mode, precision = find_mode(rows, decoder, noise_variance, points)
-        mass = (
-            latent_log_joint(rows, mode[:, None, :], decoder, noise_variance)[:, 0]
-            + 0.5 * m * math.log(2 * math.pi)
-            - 0.5 * torch.logdet(precision)
+        mode, precision = find_mode(
+            x[chunk], decoder, noise_variance, best_nodes[chunk]
+        )
+        mass = _gaussian_mass(
+            x[chunk], mode, decoder, noise_variance, -0.5 * torch.logdet(precision)
         )
         flags[chunk] = mass > log_marginal[chunk] + MASS_MARGIN
     return flags
@@ -309,14 +305,16 @@ def _finite_encoder(encoder: EncoderProposal) -> EncoderProposal:
 
 
 def _prior_starts(
-    x, rule: DecodedRule, noise_variance, centre, n_points: int = 1
+    x, rule: DecodedRule, noise_variance, centre, n_points: int
 ) -> ProposalStart:
-    """:func:`prior_start` of every row, in chunks into preallocated outputs."""
+    """:func:`prior_start` of every row with ``(B, n_points, m)`` points, in
+    chunks into preallocated outputs."""
     nodes, log_weights, g = rule
     m = nodes.shape[1]
-    point_shape = (len(x), m) if n_points == 1 else (len(x), n_points, m)
     start = ProposalStart(
-        x.new_empty(point_shape), x.new_empty((len(x), m)), x.new_empty((len(x), m, m))
+        x.new_empty((len(x), n_points, m)),
+        x.new_empty((len(x), m)),
+        x.new_empty((len(x), m, m)),
     )
     step = chunk_rows(g.shape[0], PAIRWISE_ELEMENTS)
     for first in range(0, len(x), step):

@@ -118,6 +118,9 @@ class PriorRulePass(NamedTuple):
     #: Effective sample size of the posterior weights, shape ``(B,)``; only
     #: with ``with_ess=True``.
     ess: torch.Tensor | None
+    #: Index of each row's node of largest posterior weight, shape ``(B,)``;
+    #: only with ``with_best=True``.
+    best: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -129,10 +132,12 @@ def prior_rule_pass(
     *,
     nodes: torch.Tensor | None = None,
     with_ess: bool = False,
+    with_best: bool = False,
     centre: torch.Tensor | None = None,
     max_elements: int = PAIRWISE_ELEMENTS,
 ) -> PriorRulePass:
-    """Per-row log-likelihood, and optionally posterior mean and ESS, in chunks.
+    """Per-row log-likelihood, and optionally posterior mean, ESS and best
+    node, in chunks.
 
     ``g`` holds the decoded ``nodes``; the posterior mean needs the nodes
     themselves.  Rows are independent given the shared nodes, so the results
@@ -146,6 +151,7 @@ def prior_rule_pass(
     log_marginal = x.new_empty(n_rows)
     mean = None if nodes is None else x.new_empty((n_rows, nodes.shape[1]))
     ess = x.new_empty(n_rows) if with_ess else None
+    best = x.new_empty(n_rows, dtype=torch.long) if with_best else None
     step = chunk_rows(g.shape[0], max_elements)
     for first in range(0, n_rows, step):
         rows = slice(first, first + step)
@@ -157,6 +163,8 @@ def prior_rule_pass(
         log_marginal[rows] = torch.where(
             torch.isinf(row_terms[:, 0]), -math.inf, cross_marginal - row_terms[:, 0]
         )
+        if best is not None:
+            best[rows] = cross.argmax(dim=1)
         if mean is None and ess is None:
             continue
         # Posterior weights without the row term, which they do not depend on.
@@ -165,7 +173,7 @@ def prior_rule_pass(
             mean[rows] = torch.exp(log_posterior) @ nodes
         if ess is not None:
             ess[rows] = effective_sample_size(log_posterior)
-    return PriorRulePass(log_marginal, mean, ess)
+    return PriorRulePass(log_marginal, mean, ess, best)
 
 
 def log_marginal_chunked(x, g, log_weights, noise_variance, **options):
