@@ -1095,12 +1095,14 @@ class BaseNonlinearICA(
         self._epochs_trained_ = epochs_before + epochs
         self._architecture_ = self._architecture()
         if incremental:
-            self.n_iter_ = len(self.history_)
+            # Epochs over every call; the history may hold a polished fit's
+            # L-BFGS entries too.
+            self.n_iter_ = _phase_counts(self.history_)[0]
         else:
             self.n_iter_ = iterations if self.solver == "lbfgs" else epochs
         self._store_iterations(iterations)
         self.converged_ = best.converged and not incremental
-        self.best_epoch_ = self.n_iter_ if incremental else best.best_epoch
+        self.best_epoch_ = len(self.history_) if incremental else best.best_epoch
         if best.failed_epoch is not None:
             raise TrainingDivergedError(
                 f"{name} diverged at epoch {best.failed_epoch}: the loss became "

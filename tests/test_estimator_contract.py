@@ -67,6 +67,13 @@ def _base(Estimator):
     return base
 
 
+def epochs_only(Estimator) -> dict:
+    """Parameters that keep a fit to its epochs: the MLE's default polishes
+    fits that run out of ``max_iter`` on small data with L-BFGS, which
+    appends to ``history_`` and can converge where the epochs did not."""
+    return {"max_polish_iter": 0} if _base(Estimator) is NonlinearICAMLE else {}
+
+
 def small(Estimator, **params):
     """``Estimator`` (or a test double of it) in its small configuration."""
     return Estimator(**{**SMALL[_base(Estimator)], **params})
@@ -126,8 +133,11 @@ def fitted(relu_data):
 @pytest.mark.parametrize("Estimator", ESTIMATORS)
 def test_convergence_warning_points_at_the_callers_line(Estimator, data):
     with pytest.warns(ConvergenceWarning, match="max_iter=2") as record:
-        small(Estimator, max_iter=2, random_state=0).fit(data)
-    assert [w.filename for w in record] == [__file__]
+        small(Estimator, max_iter=2, random_state=0, **epochs_only(Estimator)).fit(data)
+    # Only ours: torch's DeprecationWarnings of its first forward-mode AD
+    # call in a process are recorded too when this test runs first.
+    ours = [w.filename for w in record if w.category is ConvergenceWarning]
+    assert ours == [__file__]
 
 
 @pytest.mark.parametrize("Estimator", ESTIMATORS)
@@ -153,7 +163,9 @@ def test_cuda_fallback_warning_points_at_the_callers_line(Estimator, data):
 @pytest.mark.parametrize("Estimator", ESTIMATORS)
 def test_max_iter_without_convergence_warns(Estimator, relu_data):
     with pytest.warns(ConvergenceWarning, match="max_iter=2"):
-        fast(Estimator, max_iter=2, random_state=0).fit(relu_data[0])
+        fast(Estimator, max_iter=2, random_state=0, **epochs_only(Estimator)).fit(
+            relu_data[0]
+        )
 
 
 # --------------------------------------------------------- interrupts
@@ -306,9 +318,13 @@ VALIDATION_KEYS = {
 def test_history_records_every_epoch(Estimator, fitted, relu_data):
     model = fitted(Estimator)
     keys = HISTORY_KEYS | EXTRA_HISTORY_KEYS[Estimator]
-    assert len(model.history_) == model.n_iter_
+    # The MLE's default may append L-BFGS entries after the epochs.
+    epochs = [h for h in model.history_ if h["phase"] != "lbfgs"]
+    assert len(epochs) == model.n_iter_
+    assert model.history_[: model.n_iter_] == epochs
     assert all(keys <= set(h) for h in model.history_)
-    assert [h["epoch"] for h in model.history_] == list(range(1, model.n_iter_ + 1))
+    entries = list(range(1, len(model.history_) + 1))
+    assert [h["epoch"] for h in model.history_] == entries
     seconds = [h["seconds"] for h in model.history_]
     assert seconds == sorted(seconds)
     if Estimator is NonlinearICAVAE:
@@ -782,9 +798,12 @@ def test_partial_fit_continues_a_fit_and_fit_starts_over(Estimator, scale_data):
         warnings.simplefilter("ignore", ConvergenceWarning)
         model = scaled(Estimator, max_iter=2).fit(data)
         model.partial_fit(data)
-        assert model.n_iter_ == 3 and len(model.history_) == 3
+        epochs = [entry for entry in model.history_ if entry["phase"] != "lbfgs"]
+        assert model.n_iter_ == 3 == len(epochs)
+        assert model.best_epoch_ == len(model.history_)
         model.fit(data)
-    assert model.n_iter_ == 2 and len(model.history_) == 2
+    epochs = [entry for entry in model.history_ if entry["phase"] != "lbfgs"]
+    assert model.n_iter_ == 2 == len(epochs)
 
 
 @pytest.mark.parametrize("Estimator", ESTIMATORS)
@@ -987,7 +1006,14 @@ def test_fit_keeps_the_average_of_the_best_epoch(
 ):
     _RecordingAverage.instances = []
     monkeypatch.setattr(sknlica._torch.training, "ParameterAverage", _RecordingAverage)
-    model = small(Estimator, max_iter=6, batch_size=50, ema_decay=0.9, random_state=0)
+    model = small(
+        Estimator,
+        max_iter=6,
+        batch_size=50,
+        ema_decay=0.9,
+        random_state=0,
+        **epochs_only(Estimator),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         model.fit(averaging_data)
@@ -1015,7 +1041,12 @@ def test_fit_keeps_the_average_of_the_best_epoch(
 def test_zero_decay_trains_without_averaging(Estimator, averaging_data, monkeypatch):
     _RecordingAverage.instances = []
     monkeypatch.setattr(sknlica._torch.training, "ParameterAverage", _RecordingAverage)
-    settings = {"max_iter": 3, "batch_size": 50, "random_state": 0}
+    settings = {
+        "max_iter": 3,
+        "batch_size": 50,
+        "random_state": 0,
+        **epochs_only(Estimator),
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         raw = small(Estimator, ema_decay=0.0, **settings).fit(averaging_data)

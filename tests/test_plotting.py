@@ -184,7 +184,8 @@ def test_learning_curve_mle(mle):
         "true model",
         "kept epoch",
     ]
-    assert len(ax.get_lines()[0].get_xdata()) == mle.n_iter_
+    # Every history entry: the epochs, then the default's L-BFGS polish.
+    assert len(ax.get_lines()[0].get_xdata()) == len(mle.history_)
 
 
 def test_learning_curve_vae_has_elbo(vae):
