@@ -43,8 +43,10 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
+from sknlica._linear_start import LINEAR_START_ROWS, fit_linear_factor_model
 from sknlica._torch.evaluation import EVALUATION_NODES, decoded_evaluation_rule
 from sknlica._torch.gaussian import gaussian_log_density
+from sknlica._torch.linear_start import carries_linear_map, start_decoder
 from sknlica._torch.networks import ACTIVATIONS, NoiseVariance, make_mlp
 from sknlica._torch.segments import (
     SegmentedObjective,
@@ -124,9 +126,10 @@ NOISE_PARAMETERS_DOC = """\
     noise_variance : float, default=None
         Initial (or, with ``learn_noise_variance=False``, fixed) ``sigma^2``,
         in the data's units (for every feature, with ``noise="diagonal"``).
-        ``None`` starts at the data's mean feature variance (with
+        ``None`` starts at the linear model's noise where ``init`` starts
+        there, else at the data's mean feature variance (with
         ``"diagonal"``, at each feature's variance): a model that explains
-        nothing, which scales with the data, so that the fit does not depend
+        nothing.  Both scale with the data, so that the fit does not depend
         on the data's units.
     learn_noise_variance : bool, default=True
         Learn ``sigma^2 = floor + exp(s)``; the floor is ``1e-6`` times the
@@ -201,6 +204,23 @@ SHARED_PARAMETERS_DOC = """\
         ema_decay)`` minibatch steps (500), fewer early in training; it
         removes the optimiser's jitter, which grows as ``sigma^2`` shrinks
         (see the user guide).  ``partial_fit`` does not average.
+    init : {"auto", "linear", "random"}, default="auto"
+        Where training starts.  ``"linear"``: at the best linear model,
+        ``g(z) = L z + mu`` with the loadings, mean and noise of
+        probabilistic PCA (``noise="isotropic"``) or
+        :class:`~sklearn.decomposition.FactorAnalysis` (``"diagonal"``)
+        fitted on the training rows (at most 10,000 of them), embedded in
+        the MLP exactly (relu, leaky_relu, gelu, identity; tanh and sigmoid
+        nearly linear), and for the VAE the encoder at that model's
+        posterior; it needs ``2 * n_components`` units in every hidden
+        layer.  Training then leaves the linear model only as far as the
+        monitored score improves: on small real data sets this is what
+        makes the nonlinear model beat factor analysis (see the user
+        guide).  ``"random"``: PyTorch's initialisation.  ``"auto"``:
+        ``"linear"`` with ``noise="diagonal"`` and ``prior="standard"``
+        where the hidden layers are wide enough, else ``"random"`` (on the
+        report's generator, isotropic noise, the random start is 0.007
+        nats/sample closer to the true model).
     n_init : int, default=1
         Number of initialisations; the best (highest monitored score) is kept.
     warm_start : bool, default=False
@@ -366,6 +386,7 @@ class BaseNonlinearICA(
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
         "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
         "ema_decay": [Interval(Real, 0, 1, closed="left")],
+        "init": [StrOptions({"auto", "linear", "random"})],
         "n_init": [Interval(Integral, 1, None, closed="left")],
         "warm_start": ["boolean"],
         "device": [StrOptions({"cpu", "cuda", "auto"})],
@@ -397,6 +418,7 @@ class BaseNonlinearICA(
         validation_fraction=0.1,
         n_iter_no_change=10,
         ema_decay=0.998,
+        init="auto",
         n_init=1,
         warm_start=False,
         device="cpu",
@@ -424,6 +446,7 @@ class BaseNonlinearICA(
         self.validation_fraction = validation_fraction
         self.n_iter_no_change = n_iter_no_change
         self.ema_decay = ema_decay
+        self.init = init
         self.n_init = n_init
         self.warm_start = warm_start
         self.device = device
@@ -616,6 +639,14 @@ class BaseNonlinearICA(
                 "hidden_layer_sizes should be a sequence of positive integers, "
                 f"got {sizes!r}. Use () for a decoder without hidden layers."
             )
+        if self.init == "linear" and not self._carries_linear_start():
+            raise ValueError(
+                f"init='linear' needs at least 2 * n_components = "
+                f"{2 * self.n_components} units in every hidden layer (of the "
+                f"decoder, and of the VAE's encoder), got {self._hidden_widths()}. "
+                "Widen the hidden layers, or use init='random' (or 'auto', "
+                "which falls back to it)."
+            )
 
     def _check_split(self, X) -> None:
         if self.early_stopping:
@@ -671,6 +702,41 @@ class BaseNonlinearICA(
                 }
             )
         return optimizers
+
+    # ------------------------------------------------------------ linear start
+    def _hidden_widths(self) -> tuple[int, ...]:
+        """Widths of the hidden layers the linear start runs through."""
+        return tuple(self.hidden_layer_sizes)
+
+    def _carries_linear_start(self) -> bool:
+        return carries_linear_map(self._hidden_widths(), self.n_components)
+
+    def _linear_start(self, rows: TrainingRows, rng):
+        """The linear factor model of the training rows (standard units) that
+        ``init`` starts at, or ``None`` for a random start."""
+        if self.init == "random" or not self._carries_linear_start():
+            return None
+        if self.init == "auto" and (
+            self.prior != "standard" or self.noise != "diagonal"
+        ):
+            # Measured: the random start is better on the report's generator
+            # (isotropic noise; see the user guide), and the conditional
+            # prior's segments are not a single N(0, I).
+            return None
+        n_rows = len(rows)
+        if n_rows <= LINEAR_START_ROWS:
+            positions = torch.arange(n_rows)
+        else:
+            chosen = rng.choice(n_rows, LINEAR_START_ROWS, replace=False)
+            positions = torch.from_numpy(np.sort(chosen))
+        x = rows.take(positions.to(rows.device)).to("cpu", torch.float64).numpy()
+        return fit_linear_factor_model(
+            x, self.n_components, diagonal=self.noise == "diagonal"
+        )
+
+    def _apply_linear_start(self, model, start, n_features: int) -> None:
+        """Set a fresh model's networks to the linear model ``start``."""
+        start_decoder(model.decoder, self.activation, start)
 
     def _build_decoder(self, n_features, *, generator, dtype, device):
         """A fresh decoder MLP ``g`` as the parameters describe it."""
@@ -927,6 +993,14 @@ class BaseNonlinearICA(
         # The noise scale in standard units: per feature with "diagonal".
         noise_scale = self._noise_scale(feature_variance / units.scale**2, variance)
         noise_start = None if resume else self._noise_start(units, noise_scale)
+        linear_start = None if resume else self._linear_start(rows, rng)
+        if linear_start is not None and self.noise_variance is None:
+            # Start at the linear model's noise, not the data's variance.
+            noise_start = torch.as_tensor(
+                linear_start.noise_variance, dtype=dtype, device=device
+            )
+            if self.noise == "isotropic":
+                noise_start = float(noise_start)
         baseline = _gaussian_baseline(validation, units, X.shape[1], variance)
         runs: list[TrainingRun] = []
         for _ in range(1 if resume or incremental else self.n_init):
@@ -944,6 +1018,8 @@ class BaseNonlinearICA(
                     n_segments=0 if codes is None else len(segments),
                     **build,
                 )
+                if linear_start is not None:
+                    self._apply_linear_start(model, linear_start, X.shape[1])
                 if codes is not None:
                     counts = torch.bincount(codes, minlength=len(segments))
                     model.prior = SegmentPrior(

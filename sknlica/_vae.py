@@ -17,6 +17,7 @@ from sknlica._base import (
 from sknlica._torch.adaptive import EncoderProposal
 from sknlica._torch.evaluation import evaluate
 from sknlica._torch.gaussian import reparameterize, standard_normal_draws
+from sknlica._torch.linear_start import start_encoder
 from sknlica._torch.models import AmortizedVariance, VAEModel
 from sknlica._torch.networks import GaussianHead
 from sknlica._torch.posterior import mala
@@ -274,6 +275,23 @@ class NonlinearICAVAE(BaseNonlinearICA):
             )
 
     # ------------------------------------------------------------- training
+    def _encoder_sizes(self) -> tuple[int, ...]:
+        sizes = self.encoder_hidden_layer_sizes
+        if sizes is None:
+            return tuple(reversed(tuple(self.hidden_layer_sizes)))
+        return tuple(sizes)
+
+    def _hidden_widths(self) -> tuple[int, ...]:
+        return (*super()._hidden_widths(), *self._encoder_sizes())
+
+    def _apply_linear_start(self, model, start, n_features: int) -> None:
+        """The decoder at the linear model, the encoder at its posterior."""
+        super()._apply_linear_start(model, start, n_features)
+        n_inputs = model.encoder.mean.in_features
+        if self._encoder_sizes():
+            n_inputs = model.encoder.trunk[0].in_features
+        start_encoder(model.encoder, self.activation, start, n_inputs)
+
     def _build_model(
         self,
         n_features,
@@ -286,9 +304,7 @@ class NonlinearICAVAE(BaseNonlinearICA):
         n_segments=0,
     ):
         build = {"dtype": dtype, "device": device}
-        encoder_sizes = self.encoder_hidden_layer_sizes
-        if encoder_sizes is None:
-            encoder_sizes = tuple(reversed(tuple(self.hidden_layer_sizes)))
+        encoder_sizes = self._encoder_sizes()
         # With segments, q(z | x, u) reads the segment's one-hot code too.
         encoder = GaussianHead(
             n_features + n_segments,

@@ -342,7 +342,9 @@ def test_a_converged_fit_worse_than_a_gaussian_warns():
     # At learning rate 10 the MLE does not blow up: it stops, measured 46
     # epochs, at a model worse than the Gaussian it contains.
     X, _ = make_nonlinear_ica(600, 2, 10, random_state=0)
-    bad = NonlinearICAMLE(**SMALL[NonlinearICAMLE], learning_rate_init=10.0)
+    bad = NonlinearICAMLE(
+        **SMALL[NonlinearICAMLE], learning_rate_init=10.0, init="random"
+    )
     with pytest.warns(ConvergenceWarning, match="worse than a Gaussian"):
         bad.set_params(random_state=0).fit(X)
     assert bad.converged_
