@@ -220,7 +220,9 @@ SHARED_PARAMETERS_DOC = """\
         ``"linear"`` with ``noise="diagonal"`` and ``prior="standard"``
         where the hidden layers are wide enough, else ``"random"`` (on the
         report's generator, isotropic noise, the random start is 0.007
-        nats/sample closer to the true model).
+        nats/sample closer to the true model).  With ``n_init > 1`` every
+        restart starts at the same linear model; they differ in the other
+        hidden units and the order of the minibatches.
     n_init : int, default=1
         Number of initialisations; the best (highest monitored score) is kept.
     warm_start : bool, default=False
