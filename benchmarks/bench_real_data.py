@@ -16,7 +16,9 @@ log-likelihood per row (nats, higher is better) of
 Beside each score: the paired standard error of its difference from
 FactorAnalysis's (the standard deviation of the per-row differences over
 sqrt(test rows)), fit seconds, and for the sknlica models the epochs, whether
-the stopping rule fired, and how honest ``score`` is: the mean and largest
+the stopping rule fired, the rise of the best validation score over the
+last ``n_iter_no_change`` entries of ``history_`` (above ``tol``: still
+improving when it stopped), and how honest ``score`` is: the mean and largest
 per-row difference from an independent high-effort estimate of the same
 fitted model (``_honesty.py``: importance sampling from a mixture over every
 posterior mode found from many starts, 2^15 i.i.d. draws per row), and that
@@ -129,6 +131,18 @@ def honesty(model, test, scores, n_draws):
     return float(np.mean(error)), float(np.abs(error).max()), float(spread)
 
 
+def last_gain(model) -> float:
+    """How much the best validation log-likelihood rose over the last
+    ``n_iter_no_change`` entries of ``history_`` (epochs, then L-BFGS
+    rounds): a fit that stops at ``max_iter`` with a gain above ``tol`` was
+    still improving."""
+    scores = [entry["validation_log_likelihood"] for entry in model.history_]
+    window = model.n_iter_no_change
+    if len(scores) <= window:
+        return float("nan")
+    return float(max(scores) - max(scores[:-window]))
+
+
 def measure(name, m, max_iter):
     train, test = load(name)
     rows = []
@@ -166,6 +180,7 @@ def measure(name, m, max_iter):
                 {
                     "epochs": model.n_iter_,
                     "converged": model.converged_,
+                    "last gain": last_gain(model),
                     "score - oracle": bias,
                     "worst row": worst,
                     "oracle spread": spread,
@@ -228,6 +243,7 @@ def main() -> None:
         "fit s",
         "epochs",
         "converged",
+        "last gain",
         "score - oracle",
         "worst row",
         "oracle spread",
