@@ -736,7 +736,7 @@ class BaseNonlinearICA(
             x, self.n_components, diagonal=self.noise == "diagonal"
         )
 
-    def _apply_linear_start(self, model, start, n_features: int) -> None:
+    def _apply_linear_start(self, model, start) -> None:
         """Set a fresh model's networks to the linear model ``start``."""
         start_decoder(model.decoder, self.activation, start)
 
@@ -994,15 +994,10 @@ class BaseNonlinearICA(
         variance = mean_feature_variance(feature_variance) / units.scale**2
         # The noise scale in standard units: per feature with "diagonal".
         noise_scale = self._noise_scale(feature_variance / units.scale**2, variance)
-        noise_start = None if resume else self._noise_start(units, noise_scale)
         linear_start = None if resume else self._linear_start(rows, rng)
-        if linear_start is not None and self.noise_variance is None:
-            # Start at the linear model's noise, not the data's variance.
-            noise_start = torch.as_tensor(
-                linear_start.noise_variance, dtype=dtype, device=device
-            )
-            if self.noise == "isotropic":
-                noise_start = float(noise_start)
+        noise_start = (
+            None if resume else self._noise_start(units, noise_scale, linear_start)
+        )
         baseline = _gaussian_baseline(validation, units, X.shape[1], variance)
         runs: list[TrainingRun] = []
         for _ in range(1 if resume or incremental else self.n_init):
@@ -1021,7 +1016,7 @@ class BaseNonlinearICA(
                     **build,
                 )
                 if linear_start is not None:
-                    self._apply_linear_start(model, linear_start, X.shape[1])
+                    self._apply_linear_start(model, linear_start)
                 if codes is not None:
                     counts = torch.bincount(codes, minlength=len(segments))
                     model.prior = SegmentPrior(
@@ -1095,10 +1090,12 @@ class BaseNonlinearICA(
             return variance
         return torch.where(feature_variance > 0, feature_variance, variance)
 
-    def _noise_start(self, units, scale):
+    def _noise_start(self, units, scale, linear_start=None):
         """The initial (or fixed) noise variance, in standard units.
 
-        ``noise_variance=None`` starts at the data's variance ``scale`` (mean
+        ``noise_variance=None`` starts at the noise of ``linear_start`` (the
+        linear model ``init`` starts the networks at) if there is one, else
+        at the data's variance ``scale`` (mean
         feature variance, or each feature's), the noise of a model that
         explains nothing, from which it descends as the decoder learns; a
         start that depends on the data only through their shape, so it is the
@@ -1108,6 +1105,10 @@ class BaseNonlinearICA(
         at sigma^2 = 0.04 (VAE 0.146 against 0.191), as a random decoder with
         a small noise variance starts badly.
         """
+        if self.noise_variance is None and linear_start is not None:
+            if self.noise == "isotropic":
+                return float(linear_start.noise_variance)
+            return torch.as_tensor(linear_start.noise_variance).to(scale)
         if self.noise_variance is None:
             return scale
         start = float(self.noise_variance) / units.scale**2

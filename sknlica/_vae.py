@@ -284,13 +284,10 @@ class NonlinearICAVAE(BaseNonlinearICA):
     def _hidden_widths(self) -> tuple[int, ...]:
         return (*super()._hidden_widths(), *self._encoder_sizes())
 
-    def _apply_linear_start(self, model, start, n_features: int) -> None:
+    def _apply_linear_start(self, model, start) -> None:
         """The decoder at the linear model, the encoder at its posterior."""
-        super()._apply_linear_start(model, start, n_features)
-        n_inputs = model.encoder.mean.in_features
-        if self._encoder_sizes():
-            n_inputs = model.encoder.trunk[0].in_features
-        start_encoder(model.encoder, self.activation, start, n_inputs)
+        super()._apply_linear_start(model, start)
+        start_encoder(model.encoder, self.activation, start)
 
     def _build_model(
         self,

@@ -85,8 +85,7 @@ def real_data(max_iter, progress, small) -> list[str]:
     scaler = StandardScaler().fit(train)
     train, test = scaler.transform(train), scaler.transform(test)
     progress.set_description("fitting on breast_cancer")
-    epochs = max_iter
-    mle = NonlinearICAMLE(noise="diagonal", random_state=0, max_iter=epochs)
+    mle = NonlinearICAMLE(noise="diagonal", random_state=0, max_iter=max_iter)
     seconds = _fit(mle, train)
     scores = {
         "probabilistic PCA": PCA(2).fit(train).score(test),
@@ -101,7 +100,7 @@ def real_data(max_iter, progress, small) -> list[str]:
     ]
     lines += [f"   {name}: {score:.2f}" for name, score in scores.items()]
     lines.append(
-        f"   (the nonlinear fit: max_iter={epochs}, {mle.n_iter_} epochs in "
+        f"   (the nonlinear fit: max_iter={max_iter}, {mle.n_iter_} epochs in "
         f"{seconds:.1f} s; benchmarks/bench_real_data.py compares every data set "
         "and model.)"
     )

@@ -46,7 +46,7 @@ def test_encoder_start_is_the_factor_posterior(activation, sizes):
     model = _model()
     # Two extra inputs, as a conditional encoder's segment code: ignored.
     encoder = GaussianHead(7, sizes, 3, activation=activation)
-    start_encoder(encoder, activation, model, 7)
+    start_encoder(encoder, activation, model)
     x = torch.randn(50, 7, dtype=torch.float64)
     mean, log_var = encoder(x)
     # The posterior of the linear model, from its joint covariance.

@@ -44,14 +44,6 @@ PASS_THROUGH: dict[str, tuple[float, float]] = {
     "sigmoid": (0.1, 0.05),
 }
 
-#: Rows the linear model is fitted on, at most (a random subset beyond): it
-#: is a start, and factor analysis on them takes well under a second.
-LINEAR_START_ROWS = 10_000
-
-
-#: The linear start's noise variance, at least, relative to the data's.
-NOISE_FLOOR = 1e-6
-
 
 @dataclass(frozen=True)
 class LinearFactorModel:
@@ -129,9 +121,9 @@ def embed_affine_map(
     last.bias.copy_(bias)
 
 
-def decoder_linears(decoder: nn.Sequential) -> list[nn.Linear]:
+def linear_layers(network: nn.Sequential) -> list[nn.Linear]:
     """The linear layers of a ``make_mlp`` network, input to output."""
-    return [layer for layer in decoder if isinstance(layer, nn.Linear)]
+    return [layer for layer in network if isinstance(layer, nn.Linear)]
 
 
 def start_decoder(decoder: nn.Sequential, activation: str, model) -> None:
@@ -139,7 +131,7 @@ def start_decoder(decoder: nn.Sequential, activation: str, model) -> None:
     loadings = torch.as_tensor(model.loadings)
     n_components = loadings.shape[1]
     embed_affine_map(
-        decoder_linears(decoder),
+        linear_layers(decoder),
         activation,
         torch.eye(n_components, dtype=loadings.dtype),
         torch.zeros(n_components, dtype=loadings.dtype),
@@ -149,20 +141,22 @@ def start_decoder(decoder: nn.Sequential, activation: str, model) -> None:
 
 
 @torch.no_grad()
-def start_encoder(encoder, activation: str, model, n_inputs: int) -> None:
+def start_encoder(encoder, activation: str, model) -> None:
     """``q(z | x) = N(A (x - mean), C)``, the linear model's posterior, with
     the diagonal of ``C`` (the encoder's variances do not depend on ``x``
-    at the start).  ``n_inputs`` beyond the data's features (a conditional
+    at the start).  Inputs beyond the data's features (a conditional
     encoder's segment code) get zero weights."""
+    trunk = encoder.trunk
+    linears = linear_layers(trunk) if isinstance(trunk, nn.Sequential) else []
+    linears.append(encoder.mean)
     posterior_map, covariance = (torch.as_tensor(v) for v in model.posterior())
     n_components, n_features = posterior_map.shape
+    n_inputs = linears[0].in_features
     projection = torch.zeros(n_components, n_inputs, dtype=posterior_map.dtype)
     projection[:, :n_features] = posterior_map
     offset = -posterior_map @ torch.as_tensor(model.mean)
-    trunk = encoder.trunk
-    linears = decoder_linears(trunk) if isinstance(trunk, nn.Sequential) else []
     embed_affine_map(
-        [*linears, encoder.mean],
+        linears,
         activation,
         projection,
         offset,
