@@ -140,9 +140,13 @@ class NonlinearICAMLE(BaseNonlinearICA):
         and ``seconds`` since the fit started; with a
         validation split also ``low_ess_fraction`` (the fraction of
         validation rows whose posterior weights have a low effective sample
-        size, on which ``"auto"`` decides) and
-        ``adaptive_training`` (whether the epoch trained with the adaptive
-        rule).  ``validation_log_likelihood`` and ``low_ess_fraction`` are of
+        size) and ``adaptive_training`` (whether the epoch trained with the
+        adaptive rule); with ``integration="auto"``, in the epochs where the
+        fraction is high enough to matter, ``validation_rule_error`` (the
+        training rule's error in nats per validation row) and
+        ``validation_gradient_error`` (the relative error of its gradient,
+        on which ``"auto"`` decides), both against the adaptive estimate.
+        ``validation_log_likelihood`` and ``low_ess_fraction`` are of
         the averaged parameters (``ema_decay``), the training entries of the
         raw iterates.  Every entry has a ``phase`` (the solver's name); the
         L-BFGS rounds (``phase="lbfgs"``) also record the cumulative

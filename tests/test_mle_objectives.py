@@ -6,8 +6,14 @@ import torch
 from scipy.stats import multivariate_normal
 
 from sknlica._torch import adaptive
+from sknlica._torch.evaluation import decoded_evaluation_rule
+from sknlica._torch.gaussian import pairwise_log_joint
+from sknlica._torch.likelihood import prior_rule_pass
 from sknlica._torch.mle_objectives import (
+    AUTO_CHECK_ROWS,
     AUTO_SWITCH_FRACTION,
+    AUTO_SWITCH_GRADIENT_ERROR,
+    MIXED_ESS_THRESHOLD,
     AdaptiveObjective,
     AutoObjective,
     ModeCache,
@@ -95,6 +101,100 @@ def test_warm_start_keeps_the_better_of_cache_and_prior_node():
     torch.testing.assert_close(start[4:], point[4:])
 
 
+def test_auto_switch_needs_a_measured_gradient_error():
+    objective, *_ = _linear_training_model("auto")
+    many_low = 2 * AUTO_SWITCH_FRACTION
+    errors = [
+        0.5 * AUTO_SWITCH_GRADIENT_ERROR,  # low ESS, accurate: stays on the grid
+        AUTO_SWITCH_GRADIENT_ERROR,  # inaccurate: switches
+        0.6 * AUTO_SWITCH_GRADIENT_ERROR,  # between half and the threshold: stays
+        0.4 * AUTO_SWITCH_GRADIENT_ERROR,  # accurate again: back to the grid
+    ]
+    states = []
+    for error in errors:
+        objective.end_epoch(
+            {"low_ess_fraction": many_low, "validation_gradient_error": error}
+        )
+        states.append(objective.trains_adaptively)
+    assert states == [False, True, True, False]
+
+
+def _exact_gradient(model, x):
+    """Gradient of the rows' mean closed-form log p(x) under the linear model."""
+    weight, bias = model.decoder.weight, model.decoder.bias
+    with torch.enable_grad():
+        covariance = weight @ weight.T + model.noise() * torch.eye(6, dtype=x.dtype)
+        normal = torch.distributions.MultivariateNormal(bias, covariance)
+        value = normal.log_prob(x).mean()
+        gradients = torch.autograd.grad(value, [weight, bias])
+    return torch.cat([g.flatten() for g in gradients])
+
+
+def _rule_accuracy(objective, model, x):
+    """rule_accuracy on all of ``x`` (fewer rows than AUTO_CHECK_ROWS), and the
+    training rule's per-row log p(x), ESS and gradient."""
+    nodes, log_weights = objective.sampler.fixed_rule()
+    with torch.no_grad():
+        rule = decoded_evaluation_rule(
+            model.decoder, 2, objective.validation_nodes, dtype=x.dtype
+        )
+        accuracy = objective.rule_accuracy(model, x, rule, None)
+        first = prior_rule_pass(
+            x, model.decoder(nodes), log_weights, model.noise(), with_ess=True
+        )
+    with torch.enable_grad():
+        joint = pairwise_log_joint(x, model.decoder(nodes), log_weights, model.noise())
+        value = torch.logsumexp(joint, dim=1).mean()
+        gradients = torch.autograd.grad(
+            value, [model.decoder.weight, model.decoder.bias]
+        )
+    return accuracy, first, torch.cat([g.flatten() for g in gradients])
+
+
+@pytest.mark.parametrize(
+    ("s2", "inaccurate"),
+    [(0.01, True), (0.3, False)],  # sharp posteriors; wide ones (ESS < 30 still)
+)
+def test_rule_accuracy_against_the_closed_form(s2, inaccurate):
+    objective, model, x, exact = _linear_training_model("auto", s2=s2)
+    assert len(x) <= AUTO_CHECK_ROWS
+    accuracy, first, rule_gradient = _rule_accuracy(objective, model, x)
+    # Every row has low ESS over the training grid: the ESS alone would switch.
+    assert bool((first.ess < MIXED_ESS_THRESHOLD).all())
+    true_value_error = np.abs(first.log_marginal.numpy() - exact).mean()
+    exact_gradient = _exact_gradient(model, x)
+    true_gradient_error = float(
+        (rule_gradient - exact_gradient).norm() / exact_gradient.norm()
+    )
+    # The adaptive reference is accurate: the measured errors are the true ones.
+    assert accuracy["validation_rule_error"] == pytest.approx(
+        true_value_error, abs=0.02
+    )
+    assert accuracy["validation_gradient_error"] == pytest.approx(
+        true_gradient_error, abs=0.05
+    )
+    if inaccurate:
+        assert true_gradient_error > 2 * AUTO_SWITCH_GRADIENT_ERROR
+    else:
+        assert true_gradient_error < AUTO_SWITCH_GRADIENT_ERROR / 4
+
+
+@pytest.mark.parametrize("switched", [False, True])
+def test_rule_accuracy_is_measured_when_it_could_change_the_switch(switched):
+    objective, model, x, _ = _linear_training_model("auto", s2=0.01)
+    objective.switched = switched
+    with torch.no_grad():
+        scores = objective.validation_scores(model, x, refine=switched)
+    assert scores["low_ess_fraction"] >= AUTO_SWITCH_FRACTION
+    assert scores["validation_gradient_error"] > AUTO_SWITCH_GRADIENT_ERROR
+    # Wide posteriors: too few low-ESS rows to switch, nothing is measured.
+    objective, model, x, _ = _linear_training_model("auto", s2=25.0)
+    with torch.no_grad():
+        scores = objective.validation_scores(model, x, refine=False)
+    assert scores["low_ess_fraction"] < AUTO_SWITCH_FRACTION
+    assert "validation_gradient_error" not in scores
+
+
 def test_registry_builds_the_objective_for_each_rule():
     for integration, kind in [
         ("auto", AutoObjective),
@@ -119,7 +219,9 @@ def test_auto_switch_has_hysteresis():
     ]
     states = []
     for fraction in fractions:
-        objective.end_epoch({"low_ess_fraction": fraction})
+        objective.end_epoch(
+            {"low_ess_fraction": fraction, "validation_gradient_error": 1.0}
+        )
         states.append(objective.trains_adaptively)
     # On at the threshold, still on between half of it and it, off below half.
     assert states == [False, True, True, False]

@@ -292,6 +292,21 @@ class PriorNodeSampler:
             else None
         )
 
+    def fixed_rule(self) -> Rule:
+        """A fixed rule of the kind served: the rule itself for grid rules, a
+        draw from the evaluation seed for random ones (the training
+        generator is not touched)."""
+        if self._fixed is not None:
+            return self._fixed
+        return prior_rule(
+            self.name,
+            self.n_components,
+            self.n_nodes,
+            generator=evaluation_generator(),
+            dtype=self.dtype,
+            device=self.device,
+        )
+
     def draw(self) -> Rule:
         if self._fixed is not None:
             return self._fixed
