@@ -156,8 +156,9 @@ def _rule_accuracy(objective, model, x):
     [(0.01, True), (0.3, False)],  # sharp posteriors; wide ones (ESS < 30 still)
 )
 def test_rule_accuracy_against_the_closed_form(s2, inaccurate):
-    objective, model, x, exact = _linear_training_model("auto", s2=s2)
-    assert len(x) <= AUTO_CHECK_ROWS
+    objective, model, x, exact = _linear_training_model(
+        "auto", s2=s2, n_rows=AUTO_CHECK_ROWS
+    )
     accuracy, first, rule_gradient = _rule_accuracy(objective, model, x)
     # Every row has low ESS over the training grid: the ESS alone would switch.
     assert bool((first.ess < MIXED_ESS_THRESHOLD).all())
