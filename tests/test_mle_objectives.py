@@ -6,7 +6,6 @@ import torch
 from scipy.stats import multivariate_normal
 
 from sknlica._torch import adaptive
-from sknlica._torch.evaluation import decoded_evaluation_rule
 from sknlica._torch.gaussian import pairwise_log_joint
 from sknlica._torch.likelihood import prior_rule_pass
 from sknlica._torch.mle_objectives import (
@@ -135,10 +134,7 @@ def _rule_accuracy(objective, model, x):
     training rule's per-row log p(x), ESS and gradient."""
     nodes, log_weights = objective.sampler.fixed_rule()
     with torch.no_grad():
-        rule = decoded_evaluation_rule(
-            model.decoder, 2, objective.validation_nodes, dtype=x.dtype
-        )
-        accuracy = objective.rule_accuracy(model, x, rule, None)
+        accuracy = objective.rule_accuracy(model, x)
         first = prior_rule_pass(
             x, model.decoder(nodes), log_weights, model.noise(), with_ess=True
         )
@@ -185,13 +181,16 @@ def test_rule_accuracy_is_measured_when_it_could_change_the_switch(switched):
     objective, model, x, _ = _linear_training_model("auto", s2=0.01)
     objective.switched = switched
     with torch.no_grad():
-        scores = objective.validation_scores(model, x, refine=switched)
+        scores = objective.epoch_scores(model, None, x, -1.0)
+        polish_scores = objective.validation_scores(model, x, refine=switched)
     assert scores["low_ess_fraction"] >= AUTO_SWITCH_FRACTION
     assert scores["validation_gradient_error"] > AUTO_SWITCH_GRADIENT_ERROR
+    # The polish's scores never switch anything: nothing is measured there.
+    assert "validation_gradient_error" not in polish_scores
     # Wide posteriors: too few low-ESS rows to switch, nothing is measured.
     objective, model, x, _ = _linear_training_model("auto", s2=25.0)
     with torch.no_grad():
-        scores = objective.validation_scores(model, x, refine=False)
+        scores = objective.epoch_scores(model, None, x, -1.0)
     assert scores["low_ess_fraction"] < AUTO_SWITCH_FRACTION
     assert "validation_gradient_error" not in scores
 

@@ -169,12 +169,6 @@ class MLEObjective(Objective):
         ``adaptive_training`` (= ``refine``: low-ESS rows refined adaptively).
 
         ``centre`` replaces the objective's (e.g. in another dtype)."""
-        centre = self.centre if centre is None else centre
-        rule, evaluation = self.evaluate_validation(model, validation, refine, centre)
-        return validation_summary(evaluation, refine)
-
-    def evaluate_validation(self, model, validation, refine: bool, centre):
-        """The decoded validation rule and the validation rows' evaluation."""
         rule = decoded_evaluation_rule(
             model.decoder,
             self.n_components,
@@ -190,21 +184,16 @@ class MLEObjective(Objective):
             with_mean=False,
             refine=refine,
             n_adaptive_nodes=VALIDATION_ADAPTIVE_NODES,
-            centre=centre,
+            centre=self.centre if centre is None else centre,
             # The mode check only flags rows for refinement.
             check_modes=refine,
         )
-        return rule, evaluation
-
-
-def validation_summary(evaluation, refine: bool) -> dict:
-    """The per-epoch validation entries of an MLE objective."""
-    low = evaluation.ess < AUTO_SWITCH_ESS
-    return {
-        VALIDATION_SCORE: float(evaluation.log_marginal.mean()),
-        "low_ess_fraction": float(low.double().mean()) if len(low) else 0.0,
-        "adaptive_training": refine,
-    }
+        low = evaluation.ess < AUTO_SWITCH_ESS
+        return {
+            VALIDATION_SCORE: float(evaluation.log_marginal.mean()),
+            "low_ess_fraction": float(low.double().mean()) if len(low) else 0.0,
+            "adaptive_training": refine,
+        }
 
 
 class PriorRuleObjective(MLEObjective):
@@ -333,21 +322,23 @@ class AutoObjective(PriorRuleObjective):
     def trains_adaptively(self) -> bool:
         return self.switched
 
-    def validation_scores(self, model, validation, refine: bool, centre=None) -> dict:
-        """The validation entries and, whenever the fraction of low-ESS rows
-        could change the switch, :meth:`rule_accuracy`'s."""
-        centre = self.centre if centre is None else centre
-        rule, evaluation = self.evaluate_validation(model, validation, refine, centre)
-        scores = validation_summary(evaluation, refine)
+    def epoch_scores(self, model, rows, validation, train_objective) -> dict:
+        """The epoch's scores and, whenever the fraction of low-ESS
+        validation rows could change the switch, :meth:`rule_accuracy`'s
+        (not in the L-BFGS polish, which scores through
+        :meth:`validation_scores` and never switches)."""
+        scores = super().epoch_scores(model, rows, validation, train_objective)
+        fraction = scores.get("low_ess_fraction")
         threshold = AUTO_SWITCH_FRACTION / 2 if self.switched else AUTO_SWITCH_FRACTION
-        if scores["low_ess_fraction"] >= threshold:
-            scores.update(self.rule_accuracy(model, validation, rule, centre))
+        if fraction is not None and fraction >= threshold:
+            scores.update(self.rule_accuracy(model, validation))
         return scores
 
-    def rule_accuracy(self, model, validation, rule, centre) -> dict:
+    def rule_accuracy(self, model, validation) -> dict:
         """The training rule against the adaptive estimate on the validation
         rows the switch would integrate adaptively (the first
-        :data:`AUTO_CHECK_ROWS` of them).
+        :data:`AUTO_CHECK_ROWS` of them), each row's search started from
+        the validation rule's nodes.
 
         ``validation_rule_error``: mean ``|log p_rule(x) - log p_adaptive(x)|``
         per validation row (the other rows count zero);
@@ -358,10 +349,13 @@ class AutoObjective(PriorRuleObjective):
         nodes, log_weights = (
             part.to(dtype=validation.dtype) for part in self.sampler.fixed_rule()
         )
+        centre = self.centre
+        with torch.enable_grad():
+            g = model.decoder(nodes)
         with torch.no_grad():
             first = prior_rule_pass(
                 validation,
-                model.decoder(nodes),
+                g.detach(),
                 log_weights,
                 model.noise(),
                 with_ess=True,
@@ -374,6 +368,13 @@ class AutoObjective(PriorRuleObjective):
             return {"validation_rule_error": 0.0, "validation_gradient_error": 0.0}
         with torch.no_grad():
             noise = model.noise()
+            rule = decoded_evaluation_rule(
+                model.decoder,
+                self.n_components,
+                self.validation_nodes,
+                dtype=x.dtype,
+                device=x.device,
+            )
             start = prior_start(x, rule.nodes, rule.g, rule.log_weights, noise, centre)
             proposal = evaluation_normals(
                 self.n_components,
@@ -383,9 +384,7 @@ class AutoObjective(PriorRuleObjective):
             )
             z, log_q, _ = adapted_proposal(x, model.decoder, noise, start, proposal)
         with torch.enable_grad():
-            joint = pairwise_log_joint(
-                x, model.decoder(nodes), log_weights, model.noise(), centre
-            )
+            joint = pairwise_log_joint(x, g, log_weights, model.noise(), centre)
             by_rule = torch.logsumexp(joint, dim=1)
             by_proposal = torch.logsumexp(
                 importance_log_weights(x, z, log_q, model.decoder, model.noise()),
