@@ -55,7 +55,7 @@ def test_linear_decoder_matches_closed_form():
         linear.bias.copy_(torch.tensor(b))
     x = torch.tensor(X)
     s2_t = torch.tensor(s2, dtype=torch.float64)
-    log_marginal, mean = _adaptive_log_marginal(x, linear, s2_t)
+    log_marginal, mean, *_ = _adaptive_log_marginal(x, linear, s2_t)
     expected = multivariate_normal(b, a @ a.T + s2 * np.eye(6)).logpdf(X)
     # Measured: mean 0.003, max 0.009 nats (Monte Carlo error of 1,024 nodes;
     # the widening c = 2 costs efficiency on an exactly Gaussian posterior).
@@ -112,7 +112,7 @@ def test_accuracy_against_dense_quadrature(activation, sigma):
     s2 = torch.tensor(sigma**2, dtype=torch.float64)
     nodes, log_weights = grid_rule(2, 600**2, half_width=8)
     reference = log_marginal_chunked(x, mixing(nodes), log_weights, s2)
-    log_marginal, _ = _adaptive_log_marginal(x, mixing, s2)
+    log_marginal = _adaptive_log_marginal(x, mixing, s2).log_marginal
     error = (log_marginal - reference).abs().mean()
     assert error <= TARGET_MEAN_ERROR
 
@@ -134,7 +134,7 @@ def test_fixed_proposal_gradient_matches_finite_differences():
         torch.zeros(5, 2).double(),
         torch.eye(2).double().expand(5, 2, 2),
     )
-    nodes, log_q, _ = adaptive.adapted_proposal(
+    nodes, log_q, *_ = adaptive.adapted_proposal(
         x, decoder, s2.detach(), start, proposal
     )
     assert not nodes.requires_grad and not log_q.requires_grad
@@ -231,3 +231,24 @@ def test_decoder_jacobian_matches_autograd():
     for row in range(7):
         expected = torch.autograd.functional.jacobian(decoder, z[row])
         np.testing.assert_allclose(jacobian[row].detach(), expected, atol=1e-12)
+
+
+def test_count_distinct_modes_merges_close_ends_and_ignores_light_modes():
+    eye = torch.eye(2, dtype=torch.float64)
+    # Precision 100 I: standard deviation 0.1, so 0.05 apart is one mode and
+    # 1.0 apart two.
+    precision = (100 * eye).expand(1, 4, 2, 2)
+    mode = torch.tensor(
+        [[[0.0, 0.0], [0.05, 0.0], [1.0, 0.0], [0.0, 1.0]]], dtype=torch.float64
+    )
+    joint = torch.tensor([[0.0, -0.1, -1.0, -2.0]], dtype=torch.float64)
+    assert adaptive.count_distinct_modes(mode, precision, joint).tolist() == [3]
+    # A mode far below the best one's mass does not count.
+    light = joint.clone()
+    light[0, 3] = -(adaptive.MODE_MASS_WINDOW + 1)
+    assert adaptive.count_distinct_modes(mode, precision, light).tolist() == [2]
+    # Rows are independent.
+    both = adaptive.count_distinct_modes(
+        mode.expand(2, 4, 2), precision.expand(2, 4, 2, 2), torch.cat([joint, light])
+    )
+    assert both.tolist() == [3, 2]

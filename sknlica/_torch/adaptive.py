@@ -96,6 +96,35 @@ class ProposalStart(NamedTuple):
     covariance: torch.Tensor
 
 
+class AdaptiveEstimate(NamedTuple):
+    """Per-row results of :func:`adaptive_chunked`."""
+
+    #: ``log p(x_i)``, shape ``(B,)``.
+    log_marginal: torch.Tensor
+    #: ``E[z | x_i]``, shape ``(B, m)``.
+    posterior_mean: torch.Tensor
+    #: ``1 / sum_k w_ik^2`` of the normalised importance weights, ``(B,)``:
+    #: how many proposal nodes the estimate effectively rests on.
+    ess: torch.Tensor
+    #: Distinct modes the row's searches reached, ``(B,)``.
+    n_modes: torch.Tensor
+
+
+class AdaptedProposal(NamedTuple):
+    """Per-row proposal nodes of :func:`adapted_proposal` and what the mode
+    searches found."""
+
+    #: Proposal nodes ``(B, K, m)``, detached.
+    nodes: torch.Tensor
+    #: The mixture's log-density at them, ``(B, K)``, detached.
+    log_q: torch.Tensor
+    #: The best mode of each row, ``(B, m)``.
+    mode: torch.Tensor
+    #: How many distinct modes with non-negligible mass the searches reached,
+    #: ``(B,)`` (:func:`count_distinct_modes`).
+    n_modes: torch.Tensor
+
+
 class EncoderProposal(NamedTuple):
     """Each row's amortised posterior ``N(mean, diag std^2)``, ``(B, m)`` each."""
 
@@ -254,6 +283,52 @@ def find_mode(
     return z, gauss_newton_precision(jacobian, noise_variance)
 
 
+#: Modes closer than this (in posterior standard deviations, under either
+#: mode's Laplace precision) count as one in :func:`count_distinct_modes`,
+#: and modes whose Laplace mass is more than :data:`MODE_MASS_WINDOW` nats
+#: below the best one's do not count.
+MODE_SEPARATION = 2.0
+MODE_MASS_WINDOW = 10.0
+
+
+def count_distinct_modes(
+    mode: torch.Tensor, precision: torch.Tensor, log_joint: torch.Tensor
+) -> torch.Tensor:
+    """Distinct modes per row among ``S`` searches' end points ``(B, S, m)``.
+
+    ``precision`` ``(B, S, m, m)`` and ``log_joint`` ``(B, S)`` are the
+    Laplace precisions and ``log p(x, z)`` there.  When every search ends at
+    a different mode, the posterior may have more than were searched for.
+    """
+    log_mass = torch.nan_to_num(
+        log_joint - 0.5 * torch.logdet(precision), nan=-math.inf
+    )
+    order = torch.argsort(log_mass, dim=1, descending=True)
+    rows = torch.arange(mode.shape[0], device=mode.device)
+    best = log_mass[rows, order[:, 0]]
+    kept = [order[:, 0]]
+    count = torch.ones(mode.shape[0], dtype=torch.long, device=mode.device)
+    for j in range(1, mode.shape[1]):
+        index = order[:, j]
+        candidate, candidate_precision = mode[rows, index], precision[rows, index]
+        separated = log_mass[rows, index] >= best - MODE_MASS_WINDOW
+        for previous in kept:
+            difference = candidate - mode[rows, previous]
+            distance = torch.minimum(
+                torch.einsum(
+                    "bi,bij,bj->b", difference, candidate_precision, difference
+                ),
+                torch.einsum(
+                    "bi,bij,bj->b", difference, precision[rows, previous], difference
+                ),
+            )
+            separated &= distance > MODE_SEPARATION**2
+        count += separated.long()
+        # A mode that did not count is not a reference for later ones.
+        kept.append(torch.where(separated, index, order[:, 0]))
+    return count
+
+
 def component_counts(
     n_nodes: int, fractions: tuple[float, ...] = COMPONENT_FRACTIONS
 ) -> tuple[int, ...]:
@@ -368,7 +443,7 @@ def adapted_proposal(
     n_steps: int = NEWTON_STEPS,
     scale: float = PROPOSAL_SCALE,
     encoder: EncoderProposal | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> AdaptedProposal:
     """Mode search, then detached proposal nodes and ``log q``; also the modes.
 
     ``start`` is :func:`prior_start`'s ``(point, mean, covariance)``.  The
@@ -399,9 +474,11 @@ def adapted_proposal(
             rows, n_starts, m, m
         )
         best = torch.zeros(rows, dtype=torch.long, device=x.device)
+        n_modes = torch.ones(rows, dtype=torch.long, device=x.device)
         if n_starts > 1:
             values = latent_log_joint(x, mode, decoder, noise_variance)
             best = torch.nan_to_num(values, nan=-math.inf).argmax(dim=1)
+            n_modes = count_distinct_modes(mode, precision, values)
         index = torch.arange(rows, device=x.device)
         best_mode, best_precision = mode[index, best], precision[index, best]
         means = (*mode.unbind(1), mean)
@@ -414,7 +491,7 @@ def adapted_proposal(
             means += (encoder.mean, encoder.mean)
             factors += (diagonal, scale * diagonal)
         nodes, log_q = proposal_nodes(means, factors, proposal)
-    return nodes, log_q, best_mode
+    return AdaptedProposal(nodes, log_q, best_mode, n_modes)
 
 
 def proposal_fractions(n_starts: int = 1, encoder: bool = False) -> tuple:
@@ -427,11 +504,14 @@ def proposal_fractions(n_starts: int = 1, encoder: bool = False) -> tuple:
 
 
 def _weighted_nodes(x, decoder, noise_variance, start, proposal, encoder=None):
-    """Each row's proposal nodes and their log importance weights."""
-    nodes, log_q, _ = adapted_proposal(
+    """Each row's proposal, and the log importance weights of its nodes."""
+    adapted = adapted_proposal(
         x, decoder, noise_variance, start, proposal, encoder=encoder
     )
-    return nodes, importance_log_weights(x, nodes, log_q, decoder, noise_variance)
+    log_w = importance_log_weights(
+        x, adapted.nodes, adapted.log_q, decoder, noise_variance
+    )
+    return adapted, log_w
 
 
 @torch.no_grad()
@@ -444,35 +524,36 @@ def adaptive_chunked(
     *,
     max_points: int = ADAPTIVE_POINTS,
     encoder: EncoderProposal | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row ``log p(x_i)`` and posterior mean ``E[z | x_i]``, in row chunks.
+) -> AdaptiveEstimate:
+    """Per-row ``log p(x_i)``, posterior mean ``E[z | x_i]`` and the effective
+    sample size of the importance weights, in row chunks.
 
     Every row's result depends only on that row, ``start`` (and
     ``encoder``: see :func:`adapted_proposal`) and the shared ``proposal``
     normals, so it does not depend on the chunking or the other rows.
-
-    Returns
-    -------
-    log_marginal : Tensor of shape (B,)
-    posterior_mean : Tensor of shape (B, m)
     """
     n_nodes, m = proposal.normals.shape
     step = max(1, max_points // n_nodes)
     # Preallocated outputs (see likelihood.prior_rule_pass for why).
     log_marginals = x.new_empty(x.shape[0])
     means = x.new_empty((x.shape[0], m))
+    ess = x.new_empty(x.shape[0])
+    n_modes = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     for first in range(0, x.shape[0], step):
         rows = slice(first, first + step)
         chunk_start = ProposalStart(*(part[rows] for part in start))
         chunk_encoder = (
             None if encoder is None else EncoderProposal(*(p[rows] for p in encoder))
         )
-        nodes, log_w = _weighted_nodes(
+        adapted, log_w = _weighted_nodes(
             x[rows], decoder, noise_variance, chunk_start, proposal, chunk_encoder
         )
         log_marginals[rows] = torch.logsumexp(log_w, dim=1)
-        means[rows] = torch.einsum("bk,bkm->bm", torch.softmax(log_w, dim=1), nodes)
-    return log_marginals, means
+        weights = torch.softmax(log_w, dim=1)
+        means[rows] = torch.einsum("bk,bkm->bm", weights, adapted.nodes)
+        ess[rows] = 1.0 / weights.square().sum(dim=1)
+        n_modes[rows] = adapted.n_modes
+    return AdaptiveEstimate(log_marginals, means, ess, n_modes)
 
 
 @torch.no_grad()
@@ -491,7 +572,8 @@ def adaptive_resample(
     The spread (mean posterior variance over the latent axes, shape ``(B,)``)
     is a natural MCMC step size for refining the draws.
     """
-    nodes, log_w = _weighted_nodes(x, decoder, noise_variance, start, proposal)
+    adapted, log_w = _weighted_nodes(x, decoder, noise_variance, start, proposal)
+    nodes = adapted.nodes
     weights = torch.softmax(log_w, dim=1)
     picks = torch.multinomial(weights, n_samples, replacement=True, generator=generator)
     draws = torch.gather(nodes, 1, picks[..., None].expand(-1, -1, nodes.shape[-1]))

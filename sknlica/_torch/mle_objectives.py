@@ -184,6 +184,8 @@ class MLEObjective(Objective):
             with_mean=False,
             refine=refine,
             n_adaptive_nodes=VALIDATION_ADAPTIVE_NODES,
+            # Ranking epochs does not need the multimodal retry.
+            retry_ess=0.0,
             centre=self.centre if centre is None else centre,
             # The mode check only flags rows for refinement.
             check_modes=refine,
@@ -264,7 +266,7 @@ class AdaptiveEstimate:
                 )
             if warm:
                 n_steps = ADAPTIVE_WARM_NEWTON_STEPS
-        nodes, log_q, mode = adapted_proposal(
+        nodes, log_q, mode, _ = adapted_proposal(
             batch,
             model.decoder,
             noise.detach(),
@@ -382,7 +384,7 @@ class AutoObjective(PriorRuleObjective):
                 dtype=x.dtype,
                 device=x.device,
             )
-            z, log_q, _ = adapted_proposal(x, model.decoder, noise, start, proposal)
+            z, log_q, *_ = adapted_proposal(x, model.decoder, noise, start, proposal)
         with torch.enable_grad():
             joint = pairwise_log_joint(x, g, log_weights, model.noise(), centre)
             by_rule = torch.logsumexp(joint, dim=1)
