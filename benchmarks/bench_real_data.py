@@ -230,6 +230,8 @@ def main() -> None:
         rows = []
         for name, m in cases:
             rows += measure(name, m, max_iter)
+        for row in rows:
+            row["threads"] = args.threads
         loads.append(load_averages())
     columns = [
         "data",
@@ -241,6 +243,7 @@ def main() -> None:
         "minus FA",
         "paired SE",
         "fit s",
+        "threads",
         "epochs",
         "converged",
         "last gain",
@@ -253,7 +256,8 @@ def main() -> None:
         "",
         "80/20 split (random_state=0), StandardScaler fitted on the training "
         "rows; sknlica estimators with their defaults but `noise`; "
-        f"{args.threads} torch threads; load average (1/5/15 min) {loads[0]} at "
+        "`threads`: torch threads of the fit (partial runs may differ); "
+        f"load average (1/5/15 min) {loads[0]} at "
         f"the start, {loads[-1]} at the end (the lowest and highest of the "
         "partial runs when merged).  `minus FA`: mean per-row "
         "difference from FactorAnalysis, `paired SE` its standard error; "

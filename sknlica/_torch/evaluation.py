@@ -3,8 +3,9 @@
 Every row is first integrated over one fixed prior rule (the ``"auto"``
 rule with a fixed seed, whatever trained the model), shared by all rows.
 Rows whose posterior weights there have an effective sample size below
-:data:`ESS_THRESHOLD` -- the prior rule would be inaccurate for them, as at
-small noise -- are evaluated again by the posterior-adapted rule of
+:data:`ESS_THRESHOLD` (:data:`HIGH_DIMENSION_ESS_THRESHOLD` from three
+latents) -- the prior rule would be inaccurate for them, as at small noise --
+are evaluated again by the posterior-adapted rule of
 ``adaptive.py``, started from their best prior node.  The choice is made per
 row, so a row's result never depends on the other rows passed.
 
@@ -46,6 +47,24 @@ from sknlica._torch.likelihood import prior_rule_pass
 #: 16,384-node grid): every row with ESS >= 30 had |error| <= 0.014 nats
 #: (mean <= 0.01); the rows with errors up to 3 nats all had ESS < 30.
 ESS_THRESHOLD = 30.0
+
+#: The threshold for ``m >= 3`` latents.  Measured on wine (m = 5, diagonal
+#: noise, the MLE; 36 held-out rows against ``benchmarks/_honesty.py``): the
+#: rows the 16,384-node prior rule kept with ESS 30-100 were up to 0.26 nats
+#: low and -0.021 nats/row on average; refining below 100: 0.15 at worst,
+#: +0.002 on average.  At m = 2 (the report's generator, sigma^2 = 1) it
+#: changed scores by 1e-4 nats/row for 1.5x the scoring time, so m <= 2 keeps
+#: :data:`ESS_THRESHOLD`.  (QMC points cover a posterior less evenly as m
+#: grows, so the same ESS leaves a larger bias.)
+HIGH_DIMENSION_ESS_THRESHOLD = 100.0
+
+
+def ess_threshold_for(n_components: int) -> float:
+    """The ESS below which a row of a model with ``n_components`` latents is
+    refined: :data:`ESS_THRESHOLD`, or :data:`HIGH_DIMENSION_ESS_THRESHOLD`
+    for three latents or more."""
+    return ESS_THRESHOLD if n_components <= 2 else HIGH_DIMENSION_ESS_THRESHOLD
+
 
 #: Nodes of the shared prior rule of every fitted model's score (the MLE's
 #: ``n_eval_nodes`` default; the VAE always uses it).
@@ -156,7 +175,7 @@ class Evaluation(NamedTuple):
     posterior_mean: torch.Tensor | None
     #: ESS of each row's posterior weights over the prior rule, shape ``(B,)``.
     ess: torch.Tensor
-    #: Rows below :data:`ESS_THRESHOLD`, or whose encoder claims more mass
+    #: Rows below the ESS threshold, or whose encoder claims more mass
     #: than the prior rule found (evaluated adaptively when refined).
     low_ess: torch.Tensor
     #: :func:`~sknlica._torch.adaptive.prior_start` of the ``low_ess`` rows.
@@ -173,7 +192,7 @@ def evaluate(
     with_mean: bool = True,
     refine: bool = True,
     n_adaptive_nodes: int = ADAPTIVE_EVAL_NODES,
-    ess_threshold: float = ESS_THRESHOLD,
+    ess_threshold: float | None = None,
     generator: torch.Generator | None = None,
     centre: torch.Tensor | None = None,
     encoder: EncoderProposal | None = None,
@@ -182,9 +201,10 @@ def evaluate(
 ) -> Evaluation:
     """Per-row ``log p(x)`` (and ``E[z | x]``), refining low-ESS rows adaptively.
 
-    Rows whose ESS is below ``ess_threshold`` (``math.inf``: every row) are
-    flagged and, unless ``refine=False``, evaluated again by the adaptive rule
-    with ``n_adaptive_nodes`` proposal nodes per row, drawn from
+    Rows whose ESS is below ``ess_threshold`` (``math.inf``: every row;
+    ``None``: :func:`ess_threshold_for` the rule's dimension) are flagged
+    and, unless ``refine=False``, evaluated again by the adaptive rule with
+    ``n_adaptive_nodes`` proposal nodes per row, drawn from
     ``generator`` (a fixed seed by default).  ``encoder`` (each row's
     amortised posterior, shape ``(B, m)`` each) joins that rule's mixture, and
     its mean starts one more mode search.  A row at or above the ESS
@@ -208,6 +228,8 @@ def evaluate(
         centre=centre,
     )
     log_marginal, mean, ess, best = first_pass
+    if ess_threshold is None:
+        ess_threshold = ess_threshold_for(nodes.shape[1])
     low_ess = ess < ess_threshold
     if encoder is not None:
         encoder = _finite_encoder(encoder)

@@ -31,6 +31,7 @@ from sknlica._torch.adaptive import (
     prior_start,
 )
 from sknlica._torch.evaluation import (
+    ESS_THRESHOLD,
     decoded_evaluation_rule,
     evaluate,
     evaluation_normals,
@@ -184,7 +185,10 @@ class MLEObjective(Objective):
             with_mean=False,
             refine=refine,
             n_adaptive_nodes=VALIDATION_ADAPTIVE_NODES,
-            # Ranking epochs does not need the multimodal retry.
+            # Ranking epochs needs neither the multimodal retry nor the
+            # stricter threshold of m >= 3 (both would add adaptive work to
+            # every epoch that trains adaptively).
+            ess_threshold=ESS_THRESHOLD,
             retry_ess=0.0,
             centre=self.centre if centre is None else centre,
             # The mode check only flags rows for refinement.
