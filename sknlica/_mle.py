@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from numbers import Integral, Real
 
 import torch
@@ -10,33 +9,18 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from sknlica._base import BaseNonlinearICA, check_count, uses_torch_threads
+from sknlica._polishing import PolishMixin
 from sknlica._torch.evaluation import evaluate, resample_posterior
 from sknlica._torch.gaussian import latent_log_joint
 from sknlica._torch.integration import RULES, check_grid_budget, prior_rule
 from sknlica._torch.likelihood import GRADIENTS
 from sknlica._torch.mle_objectives import make_mle_objective
 from sknlica._torch.models import MLEModel
-from sknlica._torch.polish import FrozenLikelihood, PolishSettings, polish
+from sknlica._torch.polish import FrozenLikelihood
 from sknlica._torch.posterior import mala
-from sknlica._torch.training import WeightPenalty
-
-#: Most L-BFGS iterations of the polish when ``max_polish_iter="auto"``
-#: polishes; it runs at most as many iterations as the fit ran epochs, so
-#: that (an iteration costing about one full pass, as an epoch does) it at
-#: most about doubles the fit's cost, however short ``max_iter`` is.
-AUTO_POLISH_ITER = 200
-
-#: ``max_polish_iter="auto"`` polishes only fits on at most this many
-#: training rows.  An epoch there is a few minibatch steps, too few for Adam
-#: to converge in ``max_iter`` epochs (real data sets of a few hundred rows:
-#: diabetes with ``noise="diagonal"``, ``m = 5``, 0.83 nats/row behind
-#: factor analysis without the polish, 2.3 ahead with it); on more rows an
-#: epoch takes many steps, and a full-batch pass, and the polish's per-row
-#: state, grow with the rows.
-AUTO_POLISH_MAX_ROWS = 10_000
 
 
-class NonlinearICAMLE(BaseNonlinearICA):
+class NonlinearICAMLE(PolishMixin, BaseNonlinearICA):
     r"""Nonlinear ICA with Gaussian latents by direct maximum likelihood.
 
     The model is :math:`z \sim N(0, I_m)`, :math:`x \mid z \sim N(g(z),
@@ -218,16 +202,7 @@ class NonlinearICAMLE(BaseNonlinearICA):
     def _check_params(self, X) -> None:
         super()._check_params(X)
         check_grid_budget(self.integration, self.n_components, self.n_nodes)
-        polished = self.solver == "lbfgs" or (
-            self.max_polish_iter != "auto" and self.max_polish_iter > 0
-        )
-        if self.prior == "conditional" and polished:
-            raise ValueError(
-                "The L-BFGS polish (solver='lbfgs' or max_polish_iter > 0) is "
-                "not available with prior='conditional' yet: its frozen "
-                "likelihood integrates over N(0, I) for every row. Use "
-                "solver='adam' with max_polish_iter=0, or prior='standard'."
-            )
+        self._check_polish()
 
     # ------------------------------------------------------------- training
     def _build_model(
@@ -259,20 +234,9 @@ class NonlinearICAMLE(BaseNonlinearICA):
             centre=centre,
         )
 
-    def _polish(self, run, objective, rows, validation, *, generator, centre):
-        """Full-batch L-BFGS on the frozen likelihood (``polish.py``), after
-        the epochs or, with ``solver="lbfgs"``, instead of them.
-
-        It runs in float64 whatever the data's dtype: a full-batch line
-        search compares sums over all rows, which float32 resolves only to
-        about 1e-7 relative, and fits of the same data in different units
-        then took different steps.
-        """
-        budget = self._polish_budget(run, len(rows))
-        if not budget or run.interrupted or run.failed_epoch is not None:
-            return
-        if self.solver != "lbfgs" and not run.has_model:
-            return
+    def _frozen_objective(self, rows, *, generator, centre):
+        """The frozen likelihood (``polish.py``): fixed prior nodes, and
+        frozen per-row rules where the prior rule integrates poorly."""
         prior = self.integration if self.integration in RULES else "auto"
         rule = prior_rule(
             prior,
@@ -283,14 +247,8 @@ class NonlinearICAMLE(BaseNonlinearICA):
             device=rows.device,
             half_width=self.grid_half_width,
         )
-        model = run.model
-        centre = None if centre is None else centre.double()
-        if model.decoder[0].weight.dtype != torch.float64:
-            model = copy.deepcopy(model).double()
-        if validation is not None:
-            validation = validation.double()
-        frozen = FrozenLikelihood(
-            rows.as_dtype(torch.float64),
+        return FrozenLikelihood(
+            rows,
             rule,
             adaptive={"auto": "low_ess", "adaptive": "all"}.get(
                 self.integration, "none"
@@ -298,74 +256,12 @@ class NonlinearICAMLE(BaseNonlinearICA):
             gradient=self.gradient,
             centre=centre,
         )
-        scorer = (
-            None
-            if validation is None
-            else lambda model, refine: objective.validation_scores(
-                model, validation, refine, centre
-            )
-        )
-        # On the model polished (a float64 copy for float32 fits).
-        penalty = (
-            WeightPenalty(model.decoder, self.alpha, len(rows)) if self.alpha else None
-        )
-        polish(
-            model,
-            frozen,
-            run,
-            scorer,
-            PolishSettings(max_iter=budget, tol=self.tol),
-            penalty=penalty,
-        )
-        if model is not run.model:
-            # load_state_dict casts back to the model's dtype.
-            run.model.load_state_dict(model.state_dict())
 
-    def _polish_budget(self, run, n_rows: int) -> int:
-        """L-BFGS iterations for this fit: ``max_iter`` with ``solver="lbfgs"``;
-        with ``max_polish_iter="auto"``, on at most
-        :data:`AUTO_POLISH_MAX_ROWS` training rows, as many as the epochs run
-        (at most :data:`AUTO_POLISH_ITER`) when the decoder is linear or the
-        epochs ended at ``max_iter``, else none."""
-        if self.solver == "lbfgs":
-            return self.max_iter
-        if self.prior == "conditional":
-            # "auto" does not polish the conditional model (see _check_params).
-            return 0
-        if self.max_polish_iter != "auto":
-            return self.max_polish_iter
-        if n_rows > AUTO_POLISH_MAX_ROWS:
-            return 0
-        linear = not tuple(self.hidden_layer_sizes)
-        epochs = len(run.history)
-        ran_out = not run.converged and epochs == self.max_iter
-        return min(AUTO_POLISH_ITER, epochs) if linear or ran_out else 0
+    def _polish_scorer(self, objective, rows, validation, centre):
+        def score(model, refine):
+            return objective.validation_scores(model, validation, refine, centre)
 
-    def _store_iterations(self, iterations: int) -> None:
-        self.n_polish_iter_ = iterations
-
-    def _nonconvergence_message(self, iterations: int) -> str:
-        name = type(self).__name__
-        if self.solver == "lbfgs":
-            return (
-                f"{name} reached max_iter={self.max_iter} L-BFGS iterations "
-                "without converging; consider increasing max_iter."
-            )
-        if iterations and self.max_polish_iter == "auto":
-            return (
-                f"{name} did not converge: {self.n_iter_} epochs "
-                f"(max_iter={self.max_iter}), then {iterations} L-BFGS "
-                "iterations (max_polish_iter='auto' runs at most as many as "
-                f"the epochs, up to {AUTO_POLISH_ITER}); consider increasing "
-                "max_iter, or an explicit max_polish_iter."
-            )
-        if iterations:
-            return (
-                f"{name}'s L-BFGS polish reached {iterations} iterations "
-                f"(max_polish_iter={self.max_polish_iter!r}) without converging; "
-                "consider a larger max_polish_iter."
-            )
-        return super()._nonconvergence_message(iterations)
+        return score
 
     def _parameter_blocks(self, model):
         decoder, noise = (

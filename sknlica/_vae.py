@@ -14,6 +14,7 @@ from sknlica._base import (
     check_count,
     uses_torch_threads,
 )
+from sknlica._polishing import PolishMixin
 from sknlica._torch.adaptive import EncoderProposal
 from sknlica._torch.evaluation import evaluate
 from sknlica._torch.gaussian import reparameterize, standard_normal_draws
@@ -31,11 +32,12 @@ from sknlica._torch.vae_objectives import (
     evaluation_draws,
     posterior_log_joint,
 )
+from sknlica._torch.vae_polish import FrozenBound
 
 TRAINING_SCHEMES = ("joint", "alternating")
 
 
-class NonlinearICAVAE(BaseNonlinearICA):
+class NonlinearICAVAE(PolishMixin, BaseNonlinearICA):
     r"""Nonlinear ICA with Gaussian latents by amortised variational inference.
 
     The model is that of :class:`NonlinearICAMLE`: :math:`z \sim N(0, I_m)`,
@@ -97,6 +99,24 @@ class NonlinearICAVAE(BaseNonlinearICA):
         ``sample`` then draws each row's noise with variance ``s^2(z)``.
     {noise_parameters}
     {prior_parameters}
+    max_polish_iter : int or "auto", default=0
+        L-BFGS iterations after the epochs on the training ``objective`` of
+        all training rows (weighted by ``beta``) with 256 fixed draws per row
+        (the same scrambled Sobol points for every row and iteration, so the
+        bound is a deterministic function of the parameters).  It stops
+        when 10 iterations improve the bound by at most ``tol`` or the
+        held-out score stops improving, and
+        keeps the best-scoring parameters.  ``"auto"`` polishes as
+        :class:`NonlinearICAMLE` does: fits (with the standard prior) on at
+        most 10,000 training rows whose decoder is linear or whose epochs
+        ended at ``max_iter`` without converging, for at most as many
+        iterations as epochs ran (and 200); ``0`` (the default) never.
+        Measured with ``"auto"`` on the fits that ran out of epochs: iris
+        (``m = 2``, isotropic) +1.0 nats/row held out; breast_cancer (``m =
+        5``), digits (``m = 2``, diagonal) and the report's generator at
+        :math:`\sigma^2 = 0.01` unchanged (no round beat the held-out score;
+        up to 30 s more); digits (``m = 2``, isotropic) 0.74 lower held out
+        for twice the fit's time.  So it is not the default.
     n_eval_samples : int, default=1024
         Draws of the encoder's importance-sampling estimates in :meth:`elbo`
         (and in ``score_samples`` with ``amortized_variance=True``; otherwise
@@ -137,7 +157,12 @@ class NonlinearICAVAE(BaseNonlinearICA):
         same draws); ``noise_variance`` (the mean over features with
         ``noise="diagonal"``); ``seconds`` since the fit started.
         Everything but ``train_objective`` is of the averaged parameters
-        (``ema_decay``).
+        (``ema_decay``).  Every entry has a ``phase`` (the solver's name);
+        the L-BFGS rounds (``phase="lbfgs"``) record the cumulative
+        ``iterations`` and the polished bound as ``train_objective`` and
+        ``train_log_likelihood``.
+    n_polish_iter_ : int
+        L-BFGS iterations run (0 without a polish).
     {prior_attributes}
     {shared_attributes}
 
@@ -195,6 +220,10 @@ class NonlinearICAVAE(BaseNonlinearICA):
         "kl_warmup_epochs": [Interval(Integral, 0, None, closed="left")],
         "amortized_variance": ["boolean"],
         "n_eval_samples": [Interval(Integral, 1, None, closed="left")],
+        "max_polish_iter": [
+            Interval(Integral, 0, None, closed="left"),
+            StrOptions({"auto"}),
+        ],
     }
 
     _model_class = VAEModel
@@ -218,6 +247,7 @@ class NonlinearICAVAE(BaseNonlinearICA):
         kl_warmup_epochs=0,
         amortized_variance=False,
         n_eval_samples=1024,
+        max_polish_iter=0,
         **shared,
     ):
         super().__init__(n_components, **shared)
@@ -231,10 +261,12 @@ class NonlinearICAVAE(BaseNonlinearICA):
         self.kl_warmup_epochs = kl_warmup_epochs
         self.amortized_variance = amortized_variance
         self.n_eval_samples = n_eval_samples
+        self.max_polish_iter = max_polish_iter
 
     # ------------------------------------------------------------ validation
     def _check_params(self, X) -> None:
         super()._check_params(X)
+        self._check_polish()
         sizes = self.encoder_hidden_layer_sizes
         if sizes is not None and not all(
             isinstance(s, Integral) and s >= 1 for s in sizes
@@ -342,6 +374,24 @@ class NonlinearICAVAE(BaseNonlinearICA):
             width=self._width(n_features, self.hidden_layer_sizes),
             generator=generator,
         )
+
+    def _frozen_objective(self, rows, *, generator, centre):
+        """The IWAE bound with fixed draws (``vae_polish.py``)."""
+        return FrozenBound(
+            rows,
+            self.n_components,
+            width=self._width(rows.shape[1], self.hidden_layer_sizes),
+            generator=generator,
+            bound=self.objective,
+            beta=self.beta,
+        )
+
+    def _polish_scorer(self, objective, rows, validation, centre):
+        def score(model, refine):
+            scores = objective.epoch_scores(model, rows, validation, None)
+            return {k: v for k, v in scores.items() if k.startswith("validation")}
+
+        return score
 
     def _parameter_blocks(self, model):
         encoder, decoder, noise = (
