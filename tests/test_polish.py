@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _gradients import assert_matches_finite_differences
 from scipy.stats import multivariate_normal
 from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
@@ -98,18 +99,9 @@ def test_frozen_gradient_matches_finite_differences_of_its_value():
     frozen.backward(model, penalty)
     parameters = list(model.parameters())
     analytic = [p.grad.clone() for p in parameters]
-    step = 1e-6
-    for parameter, grad in zip(parameters, analytic, strict=True):
-        flat = parameter.data.view(-1)
-        for index in range(0, flat.numel(), max(1, flat.numel() // 4)):
-            original = float(flat[index])
-            flat[index] = original + step
-            upper = _value(frozen, model, penalty)
-            flat[index] = original - step
-            lower = _value(frozen, model, penalty)
-            flat[index] = original
-            numeric = (upper - lower) / (2 * step)
-            assert float(grad.view(-1)[index]) == pytest.approx(numeric, abs=1e-6)
+    assert_matches_finite_differences(
+        lambda: _value(frozen, model, penalty), parameters, analytic
+    )
 
 
 def test_frozen_estimate_does_not_depend_on_the_other_rows():

@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _gradients import assert_matches_finite_differences
 from scipy.stats import multivariate_normal
 from sklearn.exceptions import ConvergenceWarning
 
@@ -122,18 +123,9 @@ def test_gradient_matches_finite_differences_of_the_value():
     frozen.backward(model)
     parameters = list(model.parameters())
     analytic = [p.grad.clone() for p in parameters]
-    step = 1e-6
-    for parameter, grad in zip(parameters, analytic, strict=True):
-        flat = parameter.data.view(-1)
-        for index in range(0, flat.numel(), max(1, flat.numel() // 3)):
-            original = float(flat[index])
-            flat[index] = original + step
-            upper = _value(frozen, model)
-            flat[index] = original - step
-            lower = _value(frozen, model)
-            flat[index] = original
-            numeric = (upper - lower) / (2 * step)
-            assert float(grad.view(-1)[index]) == pytest.approx(numeric, abs=1e-6)
+    assert_matches_finite_differences(
+        lambda: _value(frozen, model), parameters, analytic, samples=3
+    )
 
 
 def test_row_chunks_do_not_change_the_value_or_gradient():

@@ -257,11 +257,17 @@ class FrozenLikelihood:
                 loss = -torch.logsumexp(log_w, dim=1).sum() / n_rows
                 loss.backward()
                 total += float(loss.detach())
-        if penalty is not None:
-            extra = penalty()
-            extra.backward()
-            total += float(extra.detach())
-        return total
+        return total + penalty_backward(penalty)
+
+
+def penalty_backward(penalty: Callable | None) -> float:
+    """Accumulate the gradient of ``penalty()`` and return its value (0
+    without one): the frozen objectives' last term."""
+    if penalty is None:
+        return 0.0
+    extra = penalty()
+    extra.backward()
+    return float(extra.detach())
 
 
 @dataclass

@@ -31,6 +31,7 @@ from sknlica._torch.gaussian import (
     reparameterize,
 )
 from sknlica._torch.integration import prior_rule
+from sknlica._torch.polish import penalty_backward
 from sknlica._torch.training import TrainingRows
 
 #: Fixed draws per row of the polished bound.  Measured on iris (m = 2,
@@ -123,8 +124,4 @@ class FrozenBound:
             loss = -per_row.sum() / n_rows
             loss.backward()
             total += float(loss.detach())
-        if penalty is not None:
-            extra = penalty()
-            extra.backward()
-            total += float(extra.detach())
-        return total
+        return total + penalty_backward(penalty)
