@@ -96,7 +96,10 @@ def marginal_log_likelihood(
         (it takes Jacobians by forward-mode automatic differentiation).
     n_nodes : int, default=65536
         Total number of nodes (grid rules use ``round(n_nodes**(1/m))`` per
-        axis); for ``"adaptive"``, the proposal nodes per row.
+        axis); for ``"adaptive"``, the proposal nodes per row (four times
+        as many for a row evaluated again because its estimate rested on
+        few effective nodes or its mode searches found several modes, as
+        in the estimators' ``score_samples``).
     grid_half_width : float, default=None
         Half-width of the ``"grid"`` rule's box; ``None`` is the default
         ``0.6 * sqrt(k)``.
