@@ -13,11 +13,12 @@ log-likelihood per row (nats, higher is better) of
 - ``NonlinearICAMLE`` and ``NonlinearICAVAE`` with ``noise="isotropic"`` and
   ``"diagonal"``, otherwise defaults (``random_state=0``).
 
-Beside each score: the paired standard error of its difference from
-FactorAnalysis's (the standard deviation of the per-row differences over
-sqrt(test rows)), fit seconds, and for the sknlica models the epochs, whether
-the stopping rule fired, the rise of the best validation score over the
-last ``n_iter_no_change`` entries of ``history_`` (above ``tol``: still
+Beside each score: its mean difference from FactorAnalysis's and from
+PCA's (probabilistic PCA) with the paired standard errors (the standard
+deviation of the per-row differences over sqrt(test rows)), fit seconds,
+and for the sknlica models the epochs, whether the stopping rule fired,
+the rise of the best validation score over the last ``n_iter_no_change``
+entries of ``history_`` (above ``tol``: still
 improving when it stopped), and how honest ``score`` is: the mean and largest
 per-row difference from an independent high-effort estimate of the same
 fitted model (``_honesty.py``: importance sampling from a mixture over every
@@ -146,7 +147,7 @@ def last_gain(model) -> float:
 def measure(name, m, max_iter):
     train, test = load(name)
     rows = []
-    fa_scores = None
+    reference = {}
     models = {**baselines(train, m), **sknlica_models(m, max_iter)}
     for label, model in models.items():
         start = time.perf_counter()
@@ -158,8 +159,8 @@ def measure(name, m, max_iter):
                 model.fit(train)
             seconds = time.perf_counter() - start
         scores = model.score_samples(test)
-        if label == "FactorAnalysis":
-            fa_scores = scores
+        if label in ("PCA", "FactorAnalysis"):
+            reference[label] = scores
         row = {
             "data": name,
             "n": train.shape[1],
@@ -189,9 +190,14 @@ def measure(name, m, max_iter):
         rows.append(row)
         print({k: v for k, v in row.items() if k != "_scores"}, flush=True)
     for row in rows:
-        difference = row.pop("_scores") - fa_scores
-        row["minus FA"] = float(difference.mean())
-        row["paired SE"] = float(difference.std(ddof=1) / np.sqrt(len(difference)))
+        scores = row.pop("_scores")
+        for name, key, se in (
+            ("FactorAnalysis", "minus FA", "paired SE"),
+            ("PCA", "minus PCA", "PCA SE"),
+        ):
+            difference = scores - reference[name]
+            row[key] = float(difference.mean())
+            row[se] = float(difference.std(ddof=1) / np.sqrt(len(difference)))
     return rows
 
 
@@ -242,6 +248,8 @@ def main() -> None:
         "held-out ll",
         "minus FA",
         "paired SE",
+        "minus PCA",
+        "PCA SE",
         "fit s",
         "threads",
         "epochs",
@@ -260,7 +268,8 @@ def main() -> None:
         f"load average (1/5/15 min) {loads[0]} at "
         f"the start, {loads[-1]} at the end (the lowest and highest of the "
         "partial runs when merged).  `minus FA`: mean per-row "
-        "difference from FactorAnalysis, `paired SE` its standard error; "
+        "difference from FactorAnalysis, `paired SE` its standard error (`minus "
+        "PCA`, `PCA SE`: the same against probabilistic PCA); "
         "`score - oracle`: the fitted model's `score` minus a high-effort "
         "estimate of the same model (`_honesty.py`: importance sampling from a "
         "mixture over every posterior mode found, 2^15 draws per row), `worst "
