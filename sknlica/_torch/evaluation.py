@@ -241,7 +241,7 @@ def evaluate(
         )
     rows = low_ess.nonzero().squeeze(1)
     start, row_encoder = _adaptive_starts(
-        x[rows], rule, noise_variance, centre, encoder, rows, EVALUATION_STARTS
+        x, rows, rule, noise_variance, centre, encoder, EVALUATION_STARTS
     )
     if refine and len(rows):
         estimate = _adaptive_estimate(
@@ -253,31 +253,26 @@ def evaluate(
             generator,
             row_encoder,
         )
-        # A low ESS, or every search at a different mode (there may be more).
-        saturated = estimate.n_modes >= start.point.shape[1]
-        retry = (estimate.ess < retry_ess) | (saturated & (retry_ess > 0))
-        retry = retry.nonzero().squeeze(1)
-        if len(retry):
-            retry_start, retry_encoder = _adaptive_starts(
-                x[rows[retry]],
-                rule,
-                noise_variance,
-                centre,
-                encoder,
-                rows[retry],
-                RETRY_STARTS,
-            )
-            retried = _adaptive_estimate(
-                x[rows[retry]],
-                decoder,
-                noise_variance,
-                retry_start,
-                RETRY_NODE_FACTOR * n_adaptive_nodes,
-                generator,
-                retry_encoder,
-            )
-            for part, retried_part in zip(estimate, retried, strict=True):
-                part[retry] = retried_part
+        if retry_ess > 0:
+            # A low ESS, or every search at a different mode (there may be
+            # more).
+            saturated = estimate.n_modes >= start.point.shape[1]
+            retry = ((estimate.ess < retry_ess) | saturated).nonzero()[:, 0]
+            if len(retry):
+                retry_start, retry_encoder = _adaptive_starts(
+                    x, rows[retry], rule, noise_variance, centre, encoder, RETRY_STARTS
+                )
+                retried = _adaptive_estimate(
+                    x[rows[retry]],
+                    decoder,
+                    noise_variance,
+                    retry_start,
+                    RETRY_NODE_FACTOR * n_adaptive_nodes,
+                    generator,
+                    retry_encoder,
+                )
+                for part, retried_part in zip(estimate, retried, strict=True):
+                    part[retry] = retried_part
         log_marginal[rows] = estimate.log_marginal
         if with_mean:
             # A row so far from the model that every proposal weight
@@ -288,10 +283,10 @@ def evaluate(
     return Evaluation(log_marginal, mean, ess, low_ess, start)
 
 
-def _adaptive_starts(x, rule, noise_variance, centre, encoder, rows, n_starts):
-    """The ``rows``' mode-search starts (``n_starts`` spread best nodes, and
-    the encoder's mean when there is one) and their encoder proposals."""
-    start = _prior_starts(x, rule, noise_variance, centre, n_starts)
+def _adaptive_starts(x, rows, rule, noise_variance, centre, encoder, n_starts):
+    """The mode-search starts of ``x[rows]`` (``n_starts`` spread best nodes,
+    and the encoder's mean when there is one) and their encoder proposals."""
+    start = _prior_starts(x[rows], rule, noise_variance, centre, n_starts)
     if encoder is None:
         return start, None
     encoder = EncoderProposal(*(part[rows] for part in encoder))

@@ -165,18 +165,23 @@ class MLEObjective(Objective):
             )
         return scores
 
-    def validation_scores(self, model, validation, refine: bool, centre=None) -> dict:
-        """``validation_log_likelihood``, ``low_ess_fraction`` and
-        ``adaptive_training`` (= ``refine``: low-ESS rows refined adaptively).
-
-        ``centre`` replaces the objective's (e.g. in another dtype)."""
-        rule = decoded_evaluation_rule(
+    def validation_rule(self, model, validation):
+        """The fixed evaluation rule of the validation score, decoded by
+        ``model`` in ``validation``'s dtype and device."""
+        return decoded_evaluation_rule(
             model.decoder,
             self.n_components,
             self.validation_nodes,
             dtype=validation.dtype,
             device=validation.device,
         )
+
+    def validation_scores(self, model, validation, refine: bool, centre=None) -> dict:
+        """``validation_log_likelihood``, ``low_ess_fraction`` and
+        ``adaptive_training`` (= ``refine``: low-ESS rows refined adaptively).
+
+        ``centre`` replaces the objective's (e.g. in another dtype)."""
+        rule = self.validation_rule(model, validation)
         evaluation = evaluate(
             validation,
             rule,
@@ -374,13 +379,7 @@ class AutoObjective(PriorRuleObjective):
             return {"validation_rule_error": 0.0, "validation_gradient_error": 0.0}
         with torch.no_grad():
             noise = model.noise()
-            rule = decoded_evaluation_rule(
-                model.decoder,
-                self.n_components,
-                self.validation_nodes,
-                dtype=x.dtype,
-                device=x.device,
-            )
+            rule = self.validation_rule(model, x)
             start = prior_start(x, rule.nodes, rule.g, rule.log_weights, noise, centre)
             proposal = evaluation_normals(
                 self.n_components,
