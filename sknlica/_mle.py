@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 from numbers import Integral, Real
 
+import numpy as np
 import torch
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from sknlica._base import BaseNonlinearICA, check_count, uses_torch_threads
+from sknlica._base import (
+    BaseNonlinearICA,
+    _check_labels,
+    check_count,
+    uses_torch_threads,
+)
 from sknlica._polishing import PolishMixin
 from sknlica._torch.evaluation import evaluate, resample_posterior
 from sknlica._torch.gaussian import latent_log_joint
@@ -18,6 +25,26 @@ from sknlica._torch.mle_objectives import make_mle_objective
 from sknlica._torch.models import MLEModel
 from sknlica._torch.polish import FrozenLikelihood
 from sknlica._torch.posterior import mala
+from sknlica._torch.segments import SegmentPrior
+from sknlica._vae import NonlinearICAVAE
+
+#: The parameters ``init="vae"``'s :class:`NonlinearICAVAE` shares with the
+#: MLE: the model (decoder, noise, prior), its penalty and budget, and where
+#: it runs.  The optimiser's settings are the VAE's own defaults.
+VAE_START_PARAMETERS = (
+    "n_components",
+    "hidden_layer_sizes",
+    "activation",
+    "output_activation",
+    "noise",
+    "noise_variance",
+    "learn_noise_variance",
+    "prior",
+    "prior_means",
+    "alpha",
+    "max_iter",
+    "device",
+)
 
 
 class NonlinearICAMLE(PolishMixin, BaseNonlinearICA):
@@ -136,6 +163,9 @@ class NonlinearICAMLE(PolishMixin, BaseNonlinearICA):
         L-BFGS rounds (``phase="lbfgs"``) also record the cumulative
         ``iterations`` and ``adaptive_rows`` (rows with a frozen adaptive
         rule).
+    init_ : NonlinearICAVAE
+        The fitted VAE the epochs started from (``init="vae"``, or
+        ``"auto"`` with ``prior="conditional"``); absent otherwise.
     n_polish_iter_ : int
         L-BFGS iterations run (0 without a polish).  With ``solver="lbfgs"``
         ``n_iter_`` counts them too.
@@ -175,6 +205,7 @@ class NonlinearICAMLE(PolishMixin, BaseNonlinearICA):
             Interval(Integral, 0, None, closed="left"),
             StrOptions({"auto"}),
         ],
+        "init": [StrOptions({"auto", "linear", "random", "vae"})],
     }
 
     _model_class = MLEModel
@@ -219,6 +250,48 @@ class NonlinearICAMLE(PolishMixin, BaseNonlinearICA):
         build = {"dtype": dtype, "device": device}
         decoder = self._build_decoder(n_features, generator=generator, **build)
         return MLEModel(decoder, self._build_noise(noise_variance, scale, **build))
+
+    def _fitted_start(self, X, y, rows, segments, codes, rng):
+        """With ``init="vae"``: the decoder, noise and conditional prior of a
+        :class:`NonlinearICAVAE` fitted on the training rows (``init_``)."""
+        if not self._starts_at_vae():
+            return super()._fitted_start(X, y, rows, segments, codes, rng)
+        positions = (
+            np.arange(X.shape[0]) if rows.index is None else rows.index.cpu().numpy()
+        )
+        labels = None if codes is None else _check_labels(y, X.shape[0])[positions]
+        vae = NonlinearICAVAE(
+            **{name: getattr(self, name) for name in VAE_START_PARAMETERS},
+            random_state=rng.randint(np.iinfo(np.int32).max),
+        )
+        vae.fit(X[positions], labels)
+        self.init_ = vae
+        prior = None
+        if codes is not None:
+            prior = SegmentPrior(
+                torch.bincount(codes, minlength=len(segments)),
+                self.n_components,
+                learn_means=self.prior_means,
+                dtype=vae.prior_.log_variances.dtype,
+                device="cpu",
+            )
+            # A segment whose rows all went to validation has no VAE prior
+            # and keeps the standard one.
+            found = np.clip(
+                np.searchsorted(vae.segments_, segments), 0, len(vae.segments_) - 1
+            )
+            matched = torch.from_numpy(vae.segments_[found] == segments)
+            found = torch.from_numpy(found)
+            with torch.no_grad():
+                prior.means[matched] = vae.prior_.means[found[matched]]
+                prior.log_variances[matched] = vae.prior_.log_variances[found[matched]]
+        return MLEModel(copy.deepcopy(vae.decoder_), copy.deepcopy(vae.noise_), prior)
+
+    def _starts_at_vae(self) -> bool:
+        """``init="vae"``, or ``"auto"`` with the conditional prior."""
+        return self.init == "vae" or (
+            self.init == "auto" and self.prior == "conditional"
+        )
 
     def _make_objective(self, model, *, n_features, centre, generator, dtype, device):
         return make_mle_objective(

@@ -328,3 +328,48 @@ def test_warm_start_continues_the_segment_priors_and_checks_the_labels():
         mle.fit(X, u + 1)
     with pytest.raises(ValueError, match="prior='standard'"):
         mle.set_params(prior="standard").fit(X, u)
+
+
+def test_mle_starts_at_a_vae_fitted_with_the_same_model():
+    X, u, _ = _segment_data(seed=6)
+    # A step size too small to move anything: the fit ends where it started.
+    mle = NonlinearICAMLE(
+        prior="conditional", max_iter=1, learning_rate_init=1e-12, random_state=0
+    )
+    mle = _fit(mle, X, u)
+    vae = mle.init_
+    assert isinstance(vae, NonlinearICAVAE)
+    assert (vae.prior, vae.hidden_layer_sizes, vae.max_iter) == (
+        "conditional",
+        (64,),
+        1,
+    )
+    np.testing.assert_allclose(mle.prior_variances_, vae.prior_variances_, rtol=1e-8)
+    np.testing.assert_allclose(mle.prior_means_, vae.prior_means_, atol=1e-9)
+    np.testing.assert_allclose(mle.noise_variance_, vae.noise_variance_, rtol=1e-8)
+    # The MLE's own segment weights: its training rows, not the VAE's.
+    np.testing.assert_allclose(mle.prior_weights_, [1 / 3] * 3)
+    z = torch.randn(
+        7, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        np.testing.assert_allclose(mle.decoder_(z), vae.decoder_(z), atol=1e-8)
+
+
+def test_which_fits_start_at_a_vae():
+    X, u, _ = _segment_data(seed=7)
+    params = {"max_iter": 1, "random_state": 0}
+    mle = _fit(NonlinearICAMLE(prior="conditional", **params), X, u)
+    first = mle.init_
+    # A warm start continues the fitted model: no new VAE.
+    _fit(mle.set_params(warm_start=True), X, u)
+    assert mle.init_ is first
+    # The random start, and the standard prior's "auto", have none; a refit
+    # drops the previous one.
+    _fit(mle.set_params(warm_start=False, init="random"), X, u)
+    assert not hasattr(mle, "init_")
+    assert not hasattr(_fit(NonlinearICAMLE(**params), X, None), "init_")
+    standard = _fit(NonlinearICAMLE(init="vae", **params), X, None)
+    assert standard.init_.prior == "standard"
+    with pytest.raises(ValueError, match="'init' parameter"):
+        NonlinearICAVAE(init="vae").fit(X)
