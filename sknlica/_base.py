@@ -224,7 +224,8 @@ SHARED_PARAMETERS_DOC = """\
         closer to the true model).  ``"vae"``: the MLE starts at the
         decoder, noise and segment priors of a :class:`NonlinearICAVAE`
         with the same model parameters (decoder, noise, prior, ``alpha``,
-        ``max_iter``, ``device``; its own optimiser defaults) fitted on the
+        ``max_iter`` in epochs, ``device``; its own optimiser defaults, and
+        its default ``max_iter`` with ``solver="lbfgs"``) fitted on the
         training rows, kept as ``init_``.  Measured on the identifiability
         benchmark (40 epochs): the conditional MLE's held-out gap to the
         true ``log p(x | u)`` halved (m = 3, n = 20: 0.18-0.19 nats/row

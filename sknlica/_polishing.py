@@ -15,6 +15,7 @@ import copy
 import torch
 
 from sknlica._torch.polish import PolishSettings, polish
+from sknlica._torch.segments import SegmentedFrozen
 from sknlica._torch.training import TrainingRun, WeightPenalty
 
 #: Most L-BFGS iterations of the polish when ``max_polish_iter="auto"``
@@ -36,22 +37,10 @@ AUTO_POLISH_MAX_ROWS = 10_000
 class PolishMixin:
     """``max_polish_iter`` for an estimator: the L-BFGS phase after the epochs."""
 
-    def _check_polish(self) -> None:
-        """The conditional prior cannot be polished yet."""
-        polished = self.solver == "lbfgs" or (
-            self.max_polish_iter != "auto" and self.max_polish_iter > 0
-        )
-        if self.prior == "conditional" and polished:
-            raise ValueError(
-                "The L-BFGS polish (solver='lbfgs' or max_polish_iter > 0) is "
-                "not available with prior='conditional' yet: its frozen "
-                "objective integrates over N(0, I) for every row. Use "
-                "max_polish_iter=0 (and solver='adam'), or prior='standard'."
-            )
-
-    def _frozen_objective(self, rows, *, generator, centre):
+    def _frozen_objective(self, rows, *, generator, centre, denominator=None):
         """The deterministic objective :func:`polish` minimises, on float64
-        ``rows``."""
+        ``rows`` (of one segment, averaging over ``denominator`` rows, with
+        the conditional prior)."""
         raise NotImplementedError
 
     def _polish_scorer(self, objective, rows, validation, centre):
@@ -79,7 +68,16 @@ class PolishMixin:
         if validation is not None:
             validation = validation.double()
         rows = rows.as_dtype(torch.float64)
-        frozen = self._frozen_objective(rows, generator=generator, centre=centre)
+        if rows.groups is None:
+            frozen = self._frozen_objective(rows, generator=generator, centre=centre)
+        else:
+            # The conditional prior: each segment's rows on its view.
+            frozen = SegmentedFrozen(
+                rows,
+                lambda part, denominator: self._frozen_objective(
+                    part, generator=generator, centre=centre, denominator=denominator
+                ),
+            )
         scorer = (
             None
             if validation is None
@@ -109,11 +107,11 @@ class PolishMixin:
         epochs ended at ``max_iter``, else none."""
         if self.solver == "lbfgs":
             return self.max_iter
-        if self.prior == "conditional":
-            # "auto" does not polish the conditional model (see _check_polish).
-            return 0
         if self.max_polish_iter != "auto":
             return self.max_polish_iter
+        if self.prior == "conditional":
+            # "auto" does not polish the conditional model.
+            return 0
         if n_rows > AUTO_POLISH_MAX_ROWS:
             return 0
         linear = not tuple(self.hidden_layer_sizes)

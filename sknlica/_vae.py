@@ -116,7 +116,9 @@ class NonlinearICAVAE(PolishMixin, BaseNonlinearICA):
         5``), digits (``m = 2``, diagonal) and the report's generator at
         :math:`\sigma^2 = 0.01` unchanged (no round beat the held-out score;
         up to 30 s more); digits (``m = 2``, isotropic) 0.74 lower held out
-        for twice the fit's time.  So it is not the default.
+        for twice the fit's time.  So it is not the default.  With
+        ``prior="conditional"`` each segment's rows are polished on its view
+        of the model (the segment priors are parameters too).
     n_eval_samples : int, default=1024
         Draws of the encoder's importance-sampling estimates in :meth:`elbo`
         (and in ``score_samples`` with ``amortized_variance=True``; otherwise
@@ -266,7 +268,6 @@ class NonlinearICAVAE(PolishMixin, BaseNonlinearICA):
     # ------------------------------------------------------------ validation
     def _check_params(self, X) -> None:
         super()._check_params(X)
-        self._check_polish()
         sizes = self.encoder_hidden_layer_sizes
         if sizes is not None and not all(
             isinstance(s, Integral) and s >= 1 for s in sizes
@@ -375,7 +376,7 @@ class NonlinearICAVAE(PolishMixin, BaseNonlinearICA):
             generator=generator,
         )
 
-    def _frozen_objective(self, rows, *, generator, centre):
+    def _frozen_objective(self, rows, *, generator, centre, denominator=None):
         """The IWAE bound with fixed draws (``vae_polish.py``)."""
         return FrozenBound(
             rows,
@@ -384,6 +385,7 @@ class NonlinearICAVAE(PolishMixin, BaseNonlinearICA):
             generator=generator,
             bound=self.objective,
             beta=self.beta,
+            denominator=denominator,
         )
 
     def _polish_scorer(self, objective, rows, validation, centre):

@@ -22,3 +22,10 @@ def assert_matches_finite_differences(
             flat[index] = original
             numeric = (upper - lower) / (2 * step)
             assert float(grad.view(-1)[index]) == pytest.approx(numeric, abs=atol)
+
+
+def frozen_value(frozen, model, penalty=None):
+    """A frozen objective's value at ``model``, its gradients discarded."""
+    value = frozen.backward(model, penalty)
+    model.zero_grad(set_to_none=True)
+    return value

@@ -173,8 +173,6 @@ def test_conditional_prior_needs_y_and_refuses_what_it_cannot_do():
         NonlinearICAMLE(prior="conditional").fit(X)
     est = NonlinearICAMLE(prior="conditional")
     assert not hasattr(est, "partial_fit")
-    with pytest.raises(ValueError, match="polish"):
-        NonlinearICAMLE(prior="conditional", max_polish_iter=5).fit(X, u)
     with pytest.raises(ValueError, match="NaN or infinite"):
         NonlinearICAMLE(prior="conditional").fit(X, np.full(len(X), np.nan))
     vae = _fit(NonlinearICAVAE(prior="conditional", max_iter=1), X, u)

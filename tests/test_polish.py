@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _gradients import assert_matches_finite_differences
+from _gradients import assert_matches_finite_differences, frozen_value
 from scipy.stats import multivariate_normal
 from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
@@ -42,12 +42,6 @@ def _frozen(x, model, adaptive, n_nodes=256):
     return frozen
 
 
-def _value(frozen, model, penalty=None):
-    value = frozen.backward(model, penalty)
-    model.zero_grad(set_to_none=True)
-    return value
-
-
 def _linear_log_likelihood(model, x):
     linear = model.decoder[0]
     w = linear.weight.detach().numpy()
@@ -68,7 +62,7 @@ def test_frozen_rows_are_exact_for_a_linear_decoder(noise):
     frozen = _frozen(x, model, "all")
     assert frozen.n_adaptive == 40
     expected = _linear_log_likelihood(model, x).mean()
-    assert -_value(frozen, model) == pytest.approx(expected, abs=1e-10)
+    assert -frozen_value(frozen, model) == pytest.approx(expected, abs=1e-10)
 
 
 def test_frozen_estimate_matches_dense_quadrature_for_a_nonlinear_decoder():
@@ -84,7 +78,9 @@ def test_frozen_estimate_matches_dense_quadrature_for_a_nonlinear_decoder():
         dense = torch.logsumexp(joint, 1) - 4 * math.log(2 * math.pi * 0.3)
     for adaptive in ("all", "low_ess"):
         frozen = _frozen(x, model, adaptive, n_nodes=1024)
-        assert -_value(frozen, model) == pytest.approx(float(dense.mean()), abs=2e-3)
+        assert -frozen_value(frozen, model) == pytest.approx(
+            float(dense.mean()), abs=2e-3
+        )
 
 
 def test_frozen_gradient_matches_finite_differences_of_its_value():
@@ -100,7 +96,7 @@ def test_frozen_gradient_matches_finite_differences_of_its_value():
     parameters = list(model.parameters())
     analytic = [p.grad.clone() for p in parameters]
     assert_matches_finite_differences(
-        lambda: _value(frozen, model, penalty), parameters, analytic
+        lambda: frozen_value(frozen, model, penalty), parameters, analytic
     )
 
 
@@ -112,8 +108,8 @@ def test_frozen_estimate_does_not_depend_on_the_other_rows():
     whole = _frozen(x, model, "low_ess")
     half = _frozen(x[:15], model, "low_ess")
     rest = _frozen(x[15:], model, "low_ess")
-    combined = (_value(half, model) + _value(rest, model)) / 2
-    assert _value(whole, model) == pytest.approx(combined, abs=1e-12)
+    combined = (frozen_value(half, model) + frozen_value(rest, model)) / 2
+    assert frozen_value(whole, model) == pytest.approx(combined, abs=1e-12)
 
 
 def _linear_gaussian(n_rows=1500, scale=1.0, seed=0):

@@ -9,13 +9,12 @@ its value (it is deterministic), and for independence of the row chunking.
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from _gradients import assert_matches_finite_differences
+from _gradients import assert_matches_finite_differences, frozen_value
 from scipy.stats import multivariate_normal
 from sklearn.exceptions import ConvergenceWarning
 
@@ -56,12 +55,6 @@ def _bound(x, bound="iwae", beta=1.0, n_draws=64, seed=0):
     )
 
 
-def _value(frozen, model):
-    value = frozen.backward(model)
-    model.zero_grad(set_to_none=True)
-    return value
-
-
 def test_exact_posterior_encoder_makes_the_bound_the_log_likelihood():
     # g(z) = W z + b with orthogonal columns: the posterior is
     # N(S W^T (x - b) / s2, S) with S = diag(1 / (|w_j|^2 / s2 + 1)), which a
@@ -86,10 +79,10 @@ def test_exact_posterior_encoder_makes_the_bound_the_log_likelihood():
         )
     x = _rows()
     exact = multivariate_normal(b, W @ W.T + s2 * np.eye(n)).logpdf(x.numpy())
-    assert _value(_bound(x), model) == pytest.approx(-exact.mean(), abs=1e-7)
+    assert frozen_value(_bound(x), model) == pytest.approx(-exact.mean(), abs=1e-7)
     # The ELBO equals log p(x) only in expectation over the draws (64 QMC
     # draws: measured 0.004 nats/row off).
-    elbo = _value(_bound(x, "elbo"), model)
+    elbo = frozen_value(_bound(x, "elbo"), model)
     assert elbo == pytest.approx(-exact.mean(), abs=0.02)
 
 
@@ -104,19 +97,19 @@ def test_the_bound_is_the_draws_own_estimate(bound):
             x, mean, log_var, model.decode, frozen.eps
         )
     expected = -(log_px if bound == "iwae" else elbo).mean()
-    assert _value(frozen, model) == pytest.approx(float(expected), rel=1e-12)
+    assert frozen_value(frozen, model) == pytest.approx(float(expected), rel=1e-12)
 
 
 def test_beta_weighs_the_kl():
     model = _model()
     x = _rows()
     # The ELBO is linear in beta: E log p(x | z) - beta KL.
-    values = [_value(_bound(x, "elbo", beta), model) for beta in (0.0, 1.0, 2.0)]
+    values = [frozen_value(_bound(x, "elbo", beta), model) for beta in (0.0, 1.0, 2.0)]
     assert values[2] - values[1] == pytest.approx(values[1] - values[0], rel=1e-9)
     assert values[1] != pytest.approx(values[0])
 
 
-def test_gradient_matches_finite_differences_of_the_value():
+def test_gradient_matches_finite_differences_of_thefrozen_value():
     model = _model()
     frozen = _bound(_rows(12))
     model.zero_grad(set_to_none=True)
@@ -124,7 +117,7 @@ def test_gradient_matches_finite_differences_of_the_value():
     parameters = list(model.parameters())
     analytic = [p.grad.clone() for p in parameters]
     assert_matches_finite_differences(
-        lambda: _value(frozen, model), parameters, analytic, samples=3
+        lambda: frozen_value(frozen, model), parameters, analytic, samples=3
     )
 
 
@@ -185,13 +178,3 @@ def test_the_default_does_not_polish():
         vae = NonlinearICAVAE(hidden_layer_sizes=(4,), max_iter=2).fit(X)
     assert vae.n_polish_iter_ == 0
     assert {entry["phase"] for entry in vae.history_} == {"adam"}
-
-
-def test_the_conditional_prior_refuses_a_polish():
-    X = _skewed(200)
-    u = np.repeat([0, 1], 100)
-    with pytest.raises(ValueError, match="polish"):
-        NonlinearICAVAE(prior="conditional", max_polish_iter=5).fit(X, u)
-    assert math.isfinite(
-        NonlinearICAVAE(prior="conditional", max_iter=1).fit(X, u).score(X, u)
-    )

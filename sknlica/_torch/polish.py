@@ -125,6 +125,10 @@ class FrozenLikelihood:
         Centre of the distance expansion (the training mean).
     n_proposal_nodes : int, default=PROPOSAL_NODES
         Gauss-Hermite nodes per adaptive row (``round(K ** (1/m))`` per axis).
+    denominator : int or None, default=None
+        Rows the loss is averaged over; ``None``: ``len(rows)``.  A
+        segment's part of :class:`~sknlica._torch.segments.SegmentedFrozen`
+        divides by all the training rows.
     """
 
     def __init__(
@@ -136,12 +140,14 @@ class FrozenLikelihood:
         gradient: str = "autograd",
         centre: torch.Tensor | None = None,
         n_proposal_nodes: int = PROPOSAL_NODES,
+        denominator: int | None = None,
     ) -> None:
         if adaptive not in ADAPTIVE_ROWS:
             raise ValueError(
                 f"adaptive must be one of {ADAPTIVE_ROWS}, got {adaptive!r}"
             )
         self.rows = rows
+        self.denominator = len(rows) if denominator is None else denominator
         self.nodes, self.log_weights = rule
         self.adaptive = adaptive
         self.gradient = GRADIENTS[gradient]
@@ -222,7 +228,7 @@ class FrozenLikelihood:
     def backward(self, model, penalty: Callable | None = None) -> float:
         """Minus the mean estimate over the rows (plus ``penalty()``); its
         gradient is accumulated into the parameters' ``.grad``."""
-        n_rows = len(self.rows)
+        n_rows = self.denominator
         total = 0.0
         if len(self.prior_rows):
             # Decode the nodes once; each chunk's backward stops at g and

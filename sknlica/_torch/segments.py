@@ -29,6 +29,7 @@ import math
 import torch
 from torch import nn
 
+from sknlica._torch.polish import penalty_backward
 from sknlica._torch.training import (
     TRAIN_SCORE,
     Objective,
@@ -185,6 +186,22 @@ class SegmentedObjective(WrappedObjective):
             total = total + inner * len(positions)
         return total / batch.shape[0]
 
+    def validation_scores(self, model, validation, refine: bool, centre=None) -> dict:
+        """The inner objective's held-out scores (the MLE's), segment by
+        segment on each segment's validation rows and view, row-weighted:
+        the L-BFGS polish's monitor."""
+        parts = [
+            (
+                self.objective.validation_scores(
+                    segment_view(model, segment), validation[positions], refine, centre
+                ),
+                0,
+                len(positions),
+            )
+            for segment, positions in segment_positions(self.validation_codes)
+        ]
+        return _combined_scores(parts, None)
+
     def epoch_scores(self, model, rows, validation, train_objective) -> dict:
         # The monitored training rows: evenly spaced, as many in all as the
         # VAE monitors without segments (the MLE's scores do not read them).
@@ -198,12 +215,7 @@ class SegmentedObjective(WrappedObjective):
         parts = []
         for segment in sorted(set(monitored_groups) | set(validation_groups)):
             positions = monitored_groups.get(segment, monitored[:0])
-            chosen = monitored[positions]
-            sub_rows = TrainingRows(
-                rows.data,
-                chosen if rows.index is None else rows.index[chosen],
-                rows.transform,
-            ).as_dtype(rows.dtype)
+            sub_rows = rows.subset(monitored[positions])
             held = validation_groups.get(segment)
             scores = self.objective.epoch_scores(
                 segment_view(model, segment),
@@ -213,6 +225,54 @@ class SegmentedObjective(WrappedObjective):
             )
             parts.append((scores, len(positions), 0 if held is None else len(held)))
         return _combined_scores(parts, train_objective)
+
+
+class SegmentedFrozen:
+    """A frozen objective of the conditional model, summed over segments.
+
+    One frozen objective of the unconditional machinery (the MLE's
+    :class:`~sknlica._torch.polish.FrozenLikelihood`, the VAE's
+    :class:`~sknlica._torch.vae_polish.FrozenBound`) per segment, on that
+    segment's training rows and evaluated on its :func:`segment_view`; each
+    divides by all the training rows, so the sum is minus the mean
+    ``log p(x_i | u_i)`` (or its bound) that :func:`~sknlica._torch.polish.polish`
+    minimises.  A row's frozen adaptive rule lives in its segment's part, in
+    that segment's standardised latents.
+
+    Parameters
+    ----------
+    rows : TrainingRows
+        The training rows, with their segments as ``groups``.
+    make_frozen : callable
+        ``make_frozen(segment_rows, denominator=n)``: the frozen objective
+        of one segment's rows, averaging over ``n`` rows.
+    """
+
+    def __init__(self, rows: TrainingRows, make_frozen) -> None:
+        if rows.groups is None:
+            raise ValueError("SegmentedFrozen needs rows with groups (segments).")
+        self.parts = [
+            (segment, make_frozen(rows.subset(positions), denominator=len(rows)))
+            for segment, positions in segment_positions(rows.groups)
+        ]
+
+    @property
+    def n_adaptive(self) -> int:
+        """Rows with a frozen adaptive rule, over all segments."""
+        return sum(part.n_adaptive for _, part in self.parts)
+
+    def refresh(self, model) -> None:
+        """Rebuild each segment's rules at its view of ``model``."""
+        for segment, part in self.parts:
+            part.refresh(segment_view(model, segment))
+
+    def backward(self, model, penalty=None) -> float:
+        """Minus the mean over all rows (plus ``penalty()``); its gradient is
+        accumulated into the parameters' ``.grad``, the priors' included."""
+        total = sum(
+            part.backward(segment_view(model, segment)) for segment, part in self.parts
+        )
+        return total + penalty_backward(penalty)
 
 
 def _combined_scores(parts, train_objective) -> dict:
@@ -239,5 +299,6 @@ def _combined_scores(parts, train_objective) -> dict:
             if total
             else math.nan
         )
-    combined[TRAIN_SCORE] = combined.get(TRAIN_SCORE, train_objective)
+    if train_objective is not None:
+        combined.setdefault(TRAIN_SCORE, train_objective)
     return combined

@@ -200,6 +200,15 @@ class TrainingRows:
             rows = rows.to(self._dtype)
         return rows if self.transform is None else self.transform(rows)
 
+    def subset(self, positions: torch.Tensor) -> TrainingRows:
+        """The training rows at ``positions`` (0-based among these rows), as
+        rows of their own, gathered the same way (no copy of the data)."""
+        index = positions if self.index is None else self.index[positions]
+        groups = None if self.groups is None else self.groups[positions]
+        return TrainingRows(self.data, index, self.transform, groups).as_dtype(
+            self.dtype
+        )
+
 
 def training_tensor(X: np.ndarray, device: torch.device) -> torch.Tensor:
     """``X`` as a tensor on ``device``, sharing memory on the CPU.

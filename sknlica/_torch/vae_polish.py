@@ -67,6 +67,9 @@ class FrozenBound:
         Weight of ``log p(z) - log q(z | x)`` (the KL), as in training.
     n_draws : int, default=POLISH_DRAWS
         Draws per row, shared by all rows.
+    denominator : int or None, default=None
+        Rows the loss is averaged over; ``None``: ``len(rows)`` (see
+        :class:`~sknlica._torch.polish.FrozenLikelihood`).
     """
 
     #: Rows with a frozen adaptive rule (the MLE's notion; none here).
@@ -82,8 +85,10 @@ class FrozenBound:
         bound: str = "iwae",
         beta: float = 1.0,
         n_draws: int = POLISH_DRAWS,
+        denominator: int | None = None,
     ) -> None:
         self.rows = rows
+        self.denominator = len(rows) if denominator is None else denominator
         self.bound = bound
         self.beta = beta
         # From the fit's generator, not the fixed evaluation seed: the
@@ -105,9 +110,9 @@ class FrozenBound:
     def backward(self, model, penalty: Callable | None = None) -> float:
         """Minus the mean bound over the rows (plus ``penalty()``); its
         gradient is accumulated into the parameters' ``.grad``."""
-        n_rows = len(self.rows)
+        n_rows = self.denominator
         total = 0.0
-        positions = torch.arange(n_rows, device=self.rows.device)
+        positions = torch.arange(len(self.rows), device=self.rows.device)
         for chunk in positions.split(self.rows_per_chunk):
             x = self.rows.take(chunk)
             mean, log_var = model.encode(x)
