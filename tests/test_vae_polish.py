@@ -109,7 +109,7 @@ def test_beta_weighs_the_kl():
     assert values[1] != pytest.approx(values[0])
 
 
-def test_gradient_matches_finite_differences_of_thefrozen_value():
+def test_gradient_matches_finite_differences_of_the_value():
     model = _model()
     frozen = _bound(_rows(12))
     model.zero_grad(set_to_none=True)
