@@ -30,7 +30,8 @@ one's.
 One torch thread (``--threads``); fits run one after another.  Run:
 ``python benchmarks/bench_identifiability.py [--quick] [--seeds K |
 --seed-list 0,2,4] [--configs square,deep,overcomplete] [--estimators
-vae,mle] [--max-iter E] [--params JSON] [--tag T] [--output DIR]``
+vae,mle] [--priors conditional,standard] [--max-iter E] [--params JSON]
+[--tag T] [--output DIR]``
 (``--params``: estimator parameters for every fit, e.g. ``'{"alpha":
 1000}'``; ``--quick``: tiny sizes, 2 epochs, its numbers are not
 results).  Writes
@@ -239,6 +240,9 @@ def main() -> None:
         "and sigma^2 = 0.01 take about 8 s each on one thread)",
     )
     parser.add_argument(
+        "--priors", default="conditional,standard", help="comma-separated"
+    )
+    parser.add_argument(
         "--params",
         default="{}",
         help="estimator parameters as JSON, e.g. '{\"alpha\": 1000}' (both priors)",
@@ -258,7 +262,7 @@ def main() -> None:
     for name in args.configs.split(","):
         for seed in seeds:
             for kind in args.estimators.split(","):
-                for prior in ("conditional", "standard"):
+                for prior in args.priors.split(","):
                     rows.append(
                         fit_row(
                             name,
