@@ -32,6 +32,15 @@ from sknlica._vae import NonlinearICAVAE
 #: MLE: the model (decoder, noise, prior), its penalty and budget, and where
 #: it runs.  The optimiser's settings are the VAE's own defaults (and so is
 #: ``max_iter`` with ``solver="lbfgs"``, where it counts L-BFGS iterations).
+#: Initialisations of ``init="vae"``'s :class:`NonlinearICAVAE` (its
+#: ``n_init``: the one with the best held-out score is kept).  The MLE
+#: refines the VAE it starts from and stays in its basin: on the square
+#: identifiability benchmark (m = n = 5, 60 epochs) two of five seeds
+#: started from a VAE at MCC 0.73 and ended at 0.73.  Six VAE fits of one
+#: of those data sets reached MCC 0.964-0.966 except one (0.838), and the
+#: held-out score ranked it last; a VAE fit costs about a tenth of the MLE's.
+VAE_START_INITS = 3
+
 VAE_START_PARAMETERS = (
     "n_components",
     "hidden_layer_sizes",
@@ -270,7 +279,9 @@ class NonlinearICAMLE(PolishMixin, BaseNonlinearICA):
             # max_iter counts L-BFGS iterations, not epochs: the VAE's default.
             del shared["max_iter"]
         vae = NonlinearICAVAE(
-            **shared, random_state=rng.randint(np.iinfo(np.int32).max)
+            **shared,
+            n_init=VAE_START_INITS,
+            random_state=rng.randint(np.iinfo(np.int32).max),
         )
         vae.fit(X[positions], labels)
         self.init_ = vae

@@ -15,6 +15,7 @@ from scipy.stats import multivariate_normal
 from sklearn.base import clone
 
 from sknlica import NonlinearICAMLE, NonlinearICAVAE, marginal_log_likelihood
+from sknlica._mle import VAE_START_INITS
 from sknlica._torch.integration import prior_rule
 from sknlica._torch.mle_objectives import PriorRuleObjective
 from sknlica._torch.models import MLEModel
@@ -337,10 +338,11 @@ def test_mle_starts_at_a_vae_fitted_with_the_same_model():
     mle = _fit(mle, X, u)
     vae = mle.init_
     assert isinstance(vae, NonlinearICAVAE)
-    assert (vae.prior, vae.hidden_layer_sizes, vae.max_iter) == (
+    assert (vae.prior, vae.hidden_layer_sizes, vae.max_iter, vae.n_init) == (
         "conditional",
         (64,),
         1,
+        VAE_START_INITS,
     )
     np.testing.assert_allclose(mle.prior_variances_, vae.prior_variances_, rtol=1e-8)
     np.testing.assert_allclose(mle.prior_means_, vae.prior_means_, atol=1e-9)

@@ -18,9 +18,12 @@ and a quasi-Newton method converges on it:
   importance-sampling proposal was tried first: L-BFGS exploited its fixed
   nodes, and a linear fit ended 0.045 nats below PCA's maximum.)
 
-:func:`polish` runs L-BFGS with a strong-Wolfe line search in rounds: each
-round rebuilds the rules at the current parameters (the posterior modes
-move with the decoder) and takes up to :data:`ROUND_ITERATIONS` iterations.
+:func:`polish` runs L-BFGS with a strong-Wolfe line search in rounds of up
+to :data:`ROUND_ITERATIONS` iterations; after each round the rules are
+rebuilt at the parameters it reached (the posterior modes move with the
+decoder) before its end value is measured, so a round's start and end
+values, and the training scores the rounds are ranked by, are estimates of
+the same quality.
 It stops when a round improves the training log-likelihood by at most
 ``tol`` (converged), when the held-out score has not improved by more than
 ``tol`` for :data:`PATIENCE` rounds (early stopping, as the epochs do), or
@@ -321,9 +324,9 @@ def polish(
         return torch.tensor(frozen.backward(model, penalty))
 
     try:
+        frozen.refresh(model)
         while iterations < settings.max_iter:
             budget = min(settings.round_iterations, settings.max_iter - iterations)
-            frozen.refresh(model)
             if optimizer is None:
                 # One optimiser for all rounds: a refresh moves the frozen
                 # estimate only slightly, so the curvature pairs stay useful
@@ -345,6 +348,14 @@ def polish(
             n_iter = int(optimizer.state[parameters[0]].get("n_iter", 0))
             iterations += max(1, n_iter - counted)
             counted = n_iter
+            # Rebuild the rules at the parameters reached before measuring:
+            # the round's start and end values are then estimates of the same
+            # quality, and so are the training scores rounds are ranked by (a
+            # value on the rules the round optimised is biased up by the
+            # optimisation, and rows that changed kind, prior rule to
+            # adaptive, moved it by up to 0.2 nats/row).  The rules serve the
+            # next round.
+            frozen.refresh(model)
             after = _objective_value(frozen, model, penalty)
             if not math.isfinite(after) or not is_finite(model):
                 run.failed_epoch = len(run.history) + 1
