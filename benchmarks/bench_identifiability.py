@@ -249,6 +249,7 @@ def main() -> None:
     )
     parser.add_argument("--tag", default="", help="suffix of the output name")
     args = parser.parse_args()
+    extra = json.loads(args.params)
     torch.set_num_threads(args.threads)
     configs = QUICK if args.quick else FULL
     if args.quick:
@@ -272,7 +273,7 @@ def main() -> None:
                             seed,
                             args.quick,
                             args.max_iter,
-                            json.loads(args.params),
+                            extra,
                         )
                     )
                     print(rows[-1], flush=True)
@@ -290,7 +291,7 @@ def main() -> None:
         {
             "rows": rows,
             "summary": summary,
-            "params": json.loads(args.params),
+            "params": extra,
             "load_average": {"before": load_before, "after": load_after},
         },
         "\n\n".join(markdown),

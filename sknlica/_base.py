@@ -228,9 +228,10 @@ SHARED_PARAMETERS_DOC = """\
         its default ``max_iter`` with ``solver="lbfgs"``) fitted on the
         training rows from three initialisations (``n_init=3``: the MLE
         stays in the basin of the VAE it starts from, and the held-out
-        score ranks the VAE fits), kept as ``init_``.  Measured on the identifiability
-        benchmark (40 epochs): the conditional MLE's held-out gap to the
-        true ``log p(x | u)`` halved (m = 3, n = 20: 0.18-0.19 nats/row
+        score ranks the VAE fits), kept as ``init_``.  Measured on the
+        identifiability benchmark (40 epochs, one VAE fit): the conditional
+        MLE's held-out gap to the true ``log p(x | u)`` halved (m = 3,
+        n = 20: 0.18-0.19 nats/row
         against 0.33-0.39 from the random start), with the same MCC (see
         the user guide).  ``partial_fit`` never fits one.  With ``n_init >
         1`` every restart starts at the same linear model (or VAE); they

@@ -28,10 +28,6 @@ from sknlica._torch.posterior import mala
 from sknlica._torch.segments import SegmentPrior
 from sknlica._vae import NonlinearICAVAE
 
-#: The parameters ``init="vae"``'s :class:`NonlinearICAVAE` shares with the
-#: MLE: the model (decoder, noise, prior), its penalty and budget, and where
-#: it runs.  The optimiser's settings are the VAE's own defaults (and so is
-#: ``max_iter`` with ``solver="lbfgs"``, where it counts L-BFGS iterations).
 #: Initialisations of ``init="vae"``'s :class:`NonlinearICAVAE` (its
 #: ``n_init``: the one with the best held-out score is kept).  The MLE
 #: refines the VAE it starts from and stays in its basin: on the square
@@ -41,6 +37,10 @@ from sknlica._vae import NonlinearICAVAE
 #: held-out score ranked it last; a VAE fit costs about a tenth of the MLE's.
 VAE_START_INITS = 3
 
+#: The parameters ``init="vae"``'s :class:`NonlinearICAVAE` shares with the
+#: MLE: the model (decoder, noise, prior), its penalty and budget, and where
+#: it runs.  The optimiser's settings are the VAE's own defaults (and so is
+#: ``max_iter`` with ``solver="lbfgs"``, where it counts L-BFGS iterations).
 VAE_START_PARAMETERS = (
     "n_components",
     "hidden_layer_sizes",

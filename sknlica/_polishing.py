@@ -104,7 +104,8 @@ class PolishMixin:
         with ``max_polish_iter="auto"``, on at most
         :data:`AUTO_POLISH_MAX_ROWS` training rows, as many as the epochs run
         (at most :data:`AUTO_POLISH_ITER`) when the decoder is linear or the
-        epochs ended at ``max_iter``, else none."""
+        epochs ended at ``max_iter``, else none (and none with
+        ``prior="conditional"``)."""
         if self.solver == "lbfgs":
             return self.max_iter
         if self.max_polish_iter != "auto":
