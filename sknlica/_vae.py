@@ -36,6 +36,14 @@ from sknlica._torch.vae_polish import FrozenBound
 
 TRAINING_SCHEMES = ("joint", "alternating")
 
+#: Initialisations of ``n_init="auto"`` with ``prior="conditional"``.  On
+#: the identifiability benchmark (m = n = 5, 40 segments, 60 epochs) one
+#: fit per data set reached MCC 0.960-0.964 on seeds 0-3 and 0.734 on seed
+#: 4; on seed 1, six fits (random_state 0-5) reached 0.964-0.966 but one
+#: (0.838), which had the lowest held-out score.  The best of three by
+#: held-out score is what :class:`NonlinearICAMLE`'s VAE start keeps too.
+CONDITIONAL_N_INIT = 3
+
 
 class NonlinearICAVAE(PolishMixin, BaseNonlinearICA):
     r"""Nonlinear ICA with Gaussian latents by amortised variational inference.
@@ -308,6 +316,9 @@ class NonlinearICAVAE(PolishMixin, BaseNonlinearICA):
             )
 
     # ------------------------------------------------------------- training
+    def _auto_n_init(self) -> int:
+        return CONDITIONAL_N_INIT if self.prior == "conditional" else 1
+
     def _encoder_sizes(self) -> tuple[int, ...]:
         sizes = self.encoder_hidden_layer_sizes
         if sizes is None:

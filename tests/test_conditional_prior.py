@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _doubles import hooked
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 from sklearn.base import clone
@@ -373,3 +374,14 @@ def test_which_fits_start_at_a_vae():
     assert standard.init_.prior == "standard"
     with pytest.raises(ValueError, match="'init' parameter"):
         NonlinearICAVAE(init="vae").fit(X)
+
+
+def test_n_init_auto_restarts_the_conditional_vae_three_times():
+    X, u, _ = _segment_data()
+    vae = _fit(hooked(NonlinearICAVAE)(prior="conditional", max_iter=1), X, u)
+    assert vae.n_init == "auto" and vae.epochs_begun.count(0) == 3
+    standard = _fit(hooked(NonlinearICAVAE)(max_iter=1), X, u)
+    assert standard.epochs_begun.count(0) == 1
+    mle = _fit(hooked(NonlinearICAMLE)(prior="conditional", max_iter=1), X, u)
+    # The MLE restarts once; its VAE start is the best of its own three.
+    assert mle.epochs_begun.count(0) == 1 and mle.init_.n_init == 3

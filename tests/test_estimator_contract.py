@@ -816,6 +816,8 @@ def test_partial_fit_unavailable_with_restarts(Estimator):
     # The reason and the fix show in the traceback as the direct cause.
     assert "set n_init=1" in str(error.value.__cause__)
     assert hasattr(Estimator(n_init=1), "partial_fit")
+    # "auto" is one fit with the standard prior.
+    assert hasattr(Estimator(n_init="auto"), "partial_fit")
 
 
 @pytest.mark.parametrize("Estimator", ESTIMATORS)
