@@ -5,7 +5,8 @@ one: every minibatch loss passes through ``Hooked.before_loss`` (which counts
 steps, records torch's thread count and raises ``KeyboardInterrupt`` at step
 ``interrupt_at``) and ``Hooked.after_loss`` (which turns the loss NaN from
 step ``fail_at`` on, or always with ``fail``); ``epochs_begun`` and
-``kl_weights`` record the epoch schedule the objective was driven with.
+``kl_weights`` record the epoch schedule the objective was driven with,
+``entries`` a copy of every history entry as the epoch ended.
 """
 
 import math
@@ -41,6 +42,7 @@ class _HookedObjective(Objective):
 
     def end_epoch(self, entry):
         self.inner.end_epoch(entry)
+        self.owner.entries.append(dict(entry))
 
 
 def hooked(Estimator):
@@ -55,7 +57,7 @@ def hooked(Estimator):
 
         def _make_objective(self, *args, **kwargs):
             if not hasattr(self, "epochs_begun"):
-                self.epochs_begun, self.kl_weights = [], []
+                self.epochs_begun, self.kl_weights, self.entries = [], [], []
             return _HookedObjective(super()._make_objective(*args, **kwargs), self)
 
         def before_loss(self):

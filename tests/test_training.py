@@ -547,3 +547,59 @@ def test_state_to_cpu_copies_nested_tensors():
         assert torch.equal(value, tensor.detach())
         assert value.data_ptr() != tensor.data_ptr() and not value.requires_grad
         assert value.device.type == "cpu"
+
+
+# ------------------------------------------------------------ extend
+def _extend(objective, max_iter, *, first=3, **params):
+    """``first`` epochs by ``train``, then :func:`training.extend` to
+    ``max_iter``: a screened restart continued."""
+    run, model, optimizer = _train(objective, max_iter=first, **params)
+    data = _data()
+    extended = training.extend(
+        run,
+        objective,
+        TrainingRows(data),
+        None,
+        torch.Generator().manual_seed(1),
+        _settings(max_iter=max_iter, **params),
+    )
+    return run, extended, model
+
+
+def test_extend_continues_the_epochs_schedule_and_history():
+    objective = Scripted([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    first, run, _ = _extend(objective, 6)
+    assert objective.begun == [0, 1, 2, 3, 4, 5]
+    assert [entry["epoch"] for entry in run.history] == [1, 2, 3, 4, 5, 6]
+    seconds = [entry["seconds"] for entry in run.history]
+    assert seconds == sorted(seconds)
+    assert run.best_epoch == 6 and run.score == 6.0 and not run.converged
+    assert run.optimizers is first.optimizers  # one optimiser state throughout
+
+
+def test_extend_keeps_the_first_parts_best_when_the_rest_is_worse():
+    objective = Scripted([1.0, 5.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    _, run, model = _extend(objective, 8, n_iter_no_change=3)
+    # Epochs 4-6 never beat epoch 2 (score 5), and the continued run stops
+    # after its own three epochs without improvement.
+    assert run.best_epoch == 2 and run.score == 5.0
+    assert len(run.history) == 6 and run.converged
+    assert torch.equal(model.weight.detach(), objective.scored_weights[1])
+
+
+def test_extend_returns_a_finished_run_as_it_is():
+    converged = Scripted([3.0, 2.0, 1.0, 0.0])
+    first, run, _ = _extend(converged, 10, first=10, n_iter_no_change=3)
+    assert first.converged and run is first
+    interrupted = Scripted([1.0, 2.0], interrupt_in=2)
+    first, run, _ = _extend(interrupted, 10)
+    assert first.interrupted and run is first and interrupted.epoch == 2
+    used = Scripted([1.0, 2.0, 3.0])
+    first, run, _ = _extend(used, 3)
+    assert run is first and used.epoch == 3
+
+
+def test_extend_counts_a_failure_in_the_total_epochs():
+    objective = Scripted([1.0, 2.0, 3.0, 4.0, 5.0], fail_in=5)
+    _, run, model = _extend(objective, 6)
+    assert run.failed_epoch == 5 and run.best_epoch == 4 and is_finite(model)

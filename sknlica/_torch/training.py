@@ -21,7 +21,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -433,6 +433,8 @@ def train(
     validation: torch.Tensor | None,
     generator: torch.Generator,
     settings: TrainingSettings,
+    *,
+    score_to_beat: float = -math.inf,
 ) -> TrainingRun:
     """Train ``model`` for up to ``settings.max_iter`` epochs; keep the best.
 
@@ -445,12 +447,16 @@ def train(
     at most ``tol`` do not count).  A non-finite epoch or a
     ``KeyboardInterrupt`` ends the run; either way ``model`` ends holding the
     best epoch's parameters, if any epoch completed.
+
+    ``score_to_beat`` is a best score from before this call (:func:`extend`):
+    an epoch counts as an improvement, and is kept, only above it; a run
+    that never beats it keeps no parameters (``best_epoch`` 0).
     """
     average = (
         ParameterAverage(model, settings.ema_decay) if settings.ema_decay else None
     )
     score_key = VALIDATION_SCORE if validation is not None else TRAIN_SCORE
-    run = TrainingRun(model=model, optimizers=optimizers)
+    run = TrainingRun(model=model, optimizers=optimizers, score=score_to_beat)
     best_state = None
     no_improvement = 0
     patience = max(1, settings.n_iter_no_change // 2)
@@ -515,6 +521,62 @@ def train(
     if best_state is not None:
         model.load_state_dict(best_state)
     return run
+
+
+def extend(
+    run: TrainingRun,
+    objective: Objective,
+    rows: TrainingRows,
+    validation: torch.Tensor | None,
+    generator: torch.Generator,
+    settings: TrainingSettings,
+) -> TrainingRun:
+    """``run`` trained on to ``settings.max_iter`` epochs in all, as one run.
+
+    The epochs continue from ``run``'s kept (best) parameters, with its
+    optimisers' state and the objective's schedule; the history, epoch
+    numbers and seconds run on.  The combined run keeps the better of its
+    parts' best parameters.  A run that stopped (converged, interrupted,
+    diverged) or used its epochs is returned as it is.  This is how a
+    screened restart (``n_init="auto"``) continues the best initialisation.
+    """
+    done = len(run.history)
+    finished = run.converged or run.interrupted or run.failed_epoch is not None
+    if finished or not run.has_model or done >= settings.max_iter:
+        return run
+    kept = copy.deepcopy(run.model.state_dict())
+    more = train(
+        run.model,
+        objective,
+        run.optimizers,
+        rows,
+        validation,
+        generator,
+        replace(
+            settings,
+            max_iter=settings.max_iter - done,
+            epochs_before=settings.epochs_before + done,
+            entries_before=settings.entries_before + done,
+        ),
+        score_to_beat=run.score,
+    )
+    elapsed = run.history[-1]["seconds"]
+    for entry in more.history:
+        entry["seconds"] += elapsed
+    combined = TrainingRun(
+        model=run.model,
+        optimizers=run.optimizers,
+        history=run.history + more.history,
+        converged=more.converged,
+        interrupted=more.interrupted,
+        failed_epoch=None if more.failed_epoch is None else done + more.failed_epoch,
+    )
+    if more.has_model:  # an epoch beat the first part's best
+        combined.score, combined.best_epoch = more.score, done + more.best_epoch
+    else:
+        run.model.load_state_dict(kept)
+        combined.score, combined.best_epoch = run.score, run.best_epoch
+    return combined
 
 
 def _averaged(average: ParameterAverage | None):
