@@ -29,13 +29,15 @@ from sknlica._torch.segments import SegmentPrior
 from sknlica._vae import NonlinearICAVAE
 
 #: Initialisations of ``init="vae"``'s :class:`NonlinearICAVAE` (its
-#: ``n_init``: the one with the best held-out score is kept).  The MLE
-#: refines the VAE it starts from and stays in its basin: on the square
-#: identifiability benchmark (m = n = 5, 60 epochs) two of five seeds
-#: started from a VAE at MCC 0.73 and ended at 0.73.  Six VAE fits of one
-#: of those data sets reached MCC 0.964-0.966 except one (0.838), and the
-#: held-out score ranked it last; a VAE fit costs about a tenth of the MLE's.
-VAE_START_INITS = 3
+#: ``n_init``).  The MLE refines the VAE it starts from and stays in its
+#: basin: on the square identifiability benchmark (m = n = 5, 60 epochs) two
+#: of five seeds started from a VAE at MCC 0.73 and ended at 0.73.  Six VAE
+#: fits of one of those data sets reached MCC 0.964-0.966 except one (0.838),
+#: and the held-out score ranked it last.  ``"auto"`` is the VAE's default:
+#: with the conditional prior three initialisations screened for 20 epochs,
+#: the best by held-out score trained on (three full fits without screening
+#: under ``solver="lbfgs"``), one otherwise.
+VAE_START_INITS = "auto"
 
 #: The parameters ``init="vae"``'s :class:`NonlinearICAVAE` shares with the
 #: MLE: the model (decoder, noise, prior), its penalty and budget, and where

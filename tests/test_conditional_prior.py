@@ -397,8 +397,8 @@ def test_n_init_auto_screens_three_conditional_vae_fits_and_continues_the_best()
     standard = _fit(hooked(NonlinearICAVAE)(max_iter=1), X, u)
     assert standard.epochs_begun.count(0) == 1
     mle = _fit(hooked(NonlinearICAMLE)(prior="conditional", max_iter=1), X, u)
-    # The MLE restarts once; its VAE start is the best of its own three.
-    assert mle.epochs_begun.count(0) == 1 and mle.init_.n_init == 3
+    # The MLE restarts once; its VAE start screens its own three.
+    assert mle.epochs_begun.count(0) == 1 and mle.init_.n_init == "auto"
 
 
 def test_screening_continues_the_best_start_and_is_reproducible():
