@@ -93,7 +93,9 @@ def marginal_log_likelihood(
         noise, for every row: accurate when ``sigma^2`` is small compared
         with how fast the decoder varies, where rules over the prior are
         not.  It needs a decoder built from differentiable torch operations
-        (it takes Jacobians by forward-mode automatic differentiation).
+        (it takes Jacobians by the chain rule through an ``nn.Sequential``
+        of ``Linear`` layers and elementwise activations, by forward-mode
+        automatic differentiation otherwise).
     n_nodes : int, default=65536
         Total number of nodes (grid rules use ``round(n_nodes**(1/m))`` per
         axis); for ``"adaptive"``, the proposal nodes per row (four times

@@ -217,22 +217,6 @@ def test_component_counts_sum_to_the_nodes():
         assert sum(counts) == n_nodes == normals.shape[0]
 
 
-# ------------------------------------------------------ decoder Jacobian
-def test_decoder_jacobian_matches_autograd():
-    torch.manual_seed(0)
-    decoder = torch.nn.Sequential(
-        torch.nn.Linear(2, 8, dtype=torch.float64),
-        torch.nn.Tanh(),
-        torch.nn.Linear(8, 5, dtype=torch.float64),
-    )
-    z = torch.randn(7, 2, dtype=torch.float64)
-    g, jacobian = adaptive.decoder_jacobian(decoder, z)
-    np.testing.assert_allclose(g.detach(), decoder(z).detach(), rtol=1e-12)
-    for row in range(7):
-        expected = torch.autograd.functional.jacobian(decoder, z[row])
-        np.testing.assert_allclose(jacobian[row].detach(), expected, atol=1e-12)
-
-
 def test_count_distinct_modes_merges_close_ends_and_ignores_light_modes():
     eye = torch.eye(2, dtype=torch.float64)
     # Precision 100 I: standard deviation 0.1, so 0.05 apart is one mode and

@@ -38,7 +38,6 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from torch.autograd import forward_ad
 
 from sknlica._torch.chunks import ADAPTIVE_POINTS
 from sknlica._torch.gaussian import (
@@ -48,6 +47,7 @@ from sknlica._torch.gaussian import (
     standard_normal_log_density,
 )
 from sknlica._torch.integration import ShiftedSobol, sobol_uniforms, uniforms_to_normal
+from sknlica._torch.jacobians import decoder_jacobian
 
 #: A decoder: latents ``(N, m)`` to means ``(N, n)`` with torch operations.
 Decoder = Callable[[torch.Tensor], torch.Tensor]
@@ -142,23 +142,6 @@ class ProposalNormals(NamedTuple):
 
     normals: torch.Tensor
     counts: tuple[int, ...]
-
-
-def decoder_jacobian(
-    decoder: Decoder, z: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``g(z)`` (``(B, n)``) and its Jacobian (``(B, n, m)``) by forward mode.
-
-    One decoder pass on ``m`` stacked copies of ``z`` carrying dual numbers,
-    the ``k``-th copy with tangent ``e_k``: ``m`` is small, and one batched
-    pass measured twice as fast as ``m`` separate ``torch.func.jvp`` calls.
-    """
-    rows, m = z.shape
-    tangents = torch.eye(m, dtype=z.dtype, device=z.device).repeat_interleave(rows, 0)
-    with forward_ad.dual_level():
-        out = decoder(forward_ad.make_dual(z.repeat(m, 1), tangents))
-        g, columns = forward_ad.unpack_dual(out)
-    return g[:rows], columns.reshape(m, rows, -1).permute(1, 2, 0)
 
 
 def gauss_newton_precision(jacobian: torch.Tensor, noise_variance) -> torch.Tensor:

@@ -29,6 +29,7 @@ import math
 import torch
 from torch import nn
 
+from sknlica._torch.jacobians import decoder_jacobian
 from sknlica._torch.polish import penalty_backward
 from sknlica._torch.training import (
     TRAIN_SCORE,
@@ -96,6 +97,14 @@ class ShiftedDecoder(nn.Module):
 
     def forward(self, eps: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.prior.to_latent(eps, self.segment))
+
+    def jacobian(self, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``g`` at ``eps`` ``(B, m)`` and its Jacobian in ``eps``: the
+        decoder's at ``z``, times ``lambda_u^(1/2)`` (the chain rule through
+        the affine map, so forward mode never runs through it)."""
+        shift, scale = self.prior.shift_and_scale(self.segment)
+        g, jacobian = decoder_jacobian(self.decoder, shift + scale * eps)
+        return g, jacobian * scale
 
 
 class MLESegmentView(nn.Module):
