@@ -170,7 +170,8 @@ class NonlinearICAMLE(PolishMixin, BaseNonlinearICA):
         validation rows whose posterior weights have a low effective sample
         size) and ``adaptive_training`` (whether the epoch trained with the
         adaptive rule); with ``integration="auto"``, in the epochs where the
-        fraction is high enough to matter, ``validation_rule_error`` (the
+        fraction is high enough to matter (once it trains adaptively, every
+        fifth epoch), ``validation_rule_error`` (the
         training rule's error in nats per validation row) and
         ``validation_gradient_error`` (the relative error of its gradient,
         on which ``"auto"`` decides), both against the adaptive estimate.

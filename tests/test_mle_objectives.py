@@ -10,6 +10,7 @@ from sknlica._torch.gaussian import pairwise_log_joint
 from sknlica._torch.likelihood import prior_rule_pass
 from sknlica._torch.mle_objectives import (
     AUTO_CHECK_ROWS,
+    AUTO_RECHECK_EPOCHS,
     AUTO_SWITCH_FRACTION,
     AUTO_SWITCH_GRADIENT_ERROR,
     MIXED_ESS_THRESHOLD,
@@ -193,6 +194,25 @@ def test_rule_accuracy_is_measured_when_it_could_change_the_switch(switched):
         scores = objective.epoch_scores(model, None, x, -1.0)
     assert scores["low_ess_fraction"] < AUTO_SWITCH_FRACTION
     assert "validation_gradient_error" not in scores
+
+
+def test_once_switched_the_rule_is_checked_every_few_epochs():
+    objective, model, x, _ = _linear_training_model("auto", s2=0.01)
+    checked, states = [], []
+    for _ in range(1 + 2 * AUTO_RECHECK_EPOCHS):
+        with torch.no_grad():
+            scores = objective.epoch_scores(model, None, x, -1.0)
+        checked.append("validation_gradient_error" in scores)
+        objective.end_epoch(scores)
+        states.append(objective.trains_adaptively)
+    # Checked before the switch (which it causes), then every
+    # AUTO_RECHECK_EPOCHS epochs; an epoch without a check keeps the switch.
+    pause = [False] * (AUTO_RECHECK_EPOCHS - 1)
+    assert checked == [True, *pause, True, *pause, True]
+    assert all(states)
+    # Between checks the fraction alone still switches back.
+    objective.end_epoch({"low_ess_fraction": 0.0})
+    assert not objective.trains_adaptively
 
 
 def test_registry_builds_the_objective_for_each_rule():
