@@ -397,8 +397,9 @@ def test_n_init_auto_screens_three_conditional_vae_fits_and_continues_the_best()
     standard = _fit(hooked(NonlinearICAVAE)(max_iter=1), X, u)
     assert standard.epochs_begun.count(0) == 1
     mle = _fit(hooked(NonlinearICAMLE)(prior="conditional", max_iter=1), X, u)
-    # The MLE restarts once; its VAE start screens its own three.
-    assert mle.epochs_begun.count(0) == 1 and mle.init_.n_init == "auto"
+    # The MLE restarts once; its VAE start trains its three to the end.
+    assert mle.epochs_begun.count(0) == 1 and mle.init_.n_init == VAE_START_INITS
+    assert VAE_START_INITS == 3
 
 
 def test_screening_continues_the_best_start_and_is_reproducible():
