@@ -34,7 +34,7 @@ from sknlica._vae import NonlinearICAVAE
 #: the square identifiability benchmark (m = n = 5, 60 epochs) two of five
 #: seeds started from one VAE fit at MCC 0.73 and ended at 0.73.  The VAE's
 #: own ``"auto"`` (three initialisations screened for 20 epochs) gave the
-#: same square fits (MCC 0.981 against 0.982) in 56 s less, but on four
+#: same square fits (MCC 0.981) in 200.5 s against 231.8 s, but on four
 #: mixing layers it ended two of five seeds in worse basins (MCC 0.644 and
 #: 0.639 against 0.897 and 0.867, held-out scores lower by 0.32 and 0.07):
 #: deep mean 0.690 against 0.787.
