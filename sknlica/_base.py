@@ -232,15 +232,14 @@ SHARED_PARAMETERS_DOC = """\
         the end, the best by held-out score kept: the MLE stays in the
         basin of the VAE it starts from, and the held-out score ranks the
         VAE fits; the VAE's screened ``"auto"`` left two of five deep
-        identifiability seeds in worse basins), kept as ``init_``.  Measured on the
-        identifiability benchmark (40 epochs, one VAE fit): the conditional
-        MLE's held-out gap to the true ``log p(x | u)`` halved (m = 3,
-        n = 20: 0.18-0.19 nats/row
-        against 0.33-0.39 from the random start), with the same MCC (see
-        the user guide).  ``partial_fit`` never fits one.  With ``n_init >
-        1`` every restart starts at the same linear model (or VAE); they
-        differ in the other hidden units and the order of the
-        minibatches.
+        identifiability seeds in worse basins), kept as ``init_``.
+        Measured on the identifiability benchmark (40 epochs, one VAE
+        fit): the conditional MLE's held-out gap to the true ``log p(x |
+        u)`` halved (m = 3, n = 20: 0.18-0.19 nats/row against 0.33-0.39
+        from the random start), with the same MCC (see the user guide).
+        ``partial_fit`` never fits one.  With ``n_init > 1`` every restart
+        starts at the same linear model (or VAE); they differ in the other
+        hidden units and the order of the minibatches.
     n_init : int or "auto", default="auto"
         Number of initialisations; the best (highest monitored score) is
         kept.  ``"auto"``: for :class:`NonlinearICAVAE` with
