@@ -60,6 +60,11 @@ class LinearFactorModel:
     loadings: np.ndarray
     mean: np.ndarray
     noise_variance: float | np.ndarray
+    #: With the conditional prior: each segment's latent means and variances
+    #: ``(n_segments, n_components)`` (``z | u ~ N(mean_u, diag variance_u)``),
+    #: the loadings then those of linear nonstationary ICA.
+    segment_means: np.ndarray | None = None
+    segment_variances: np.ndarray | None = None
 
     def posterior(self) -> tuple[np.ndarray, np.ndarray]:
         """``(A, C)`` with ``z | x ~ N(A (x - mean), C)``."""
@@ -165,3 +170,21 @@ def start_encoder(encoder, activation: str, model) -> None:
     )
     encoder.log_var.weight.zero_()
     encoder.log_var.bias.copy_(torch.log(torch.diagonal(covariance)))
+
+
+@torch.no_grad()
+def start_segment_prior(prior: nn.Module, model: LinearFactorModel) -> None:
+    """A :class:`~sknlica._torch.segments.SegmentPrior` at ``model``'s segment
+    means and variances (nothing without them).  With the means fixed at
+    zero, each segment's variance is its second moment about zero, so that
+    the segment keeps its spread."""
+    if model.segment_variances is None:
+        return
+    like = {"dtype": prior.log_variances.dtype, "device": prior.log_variances.device}
+    means = torch.as_tensor(model.segment_means).to(**like)
+    variances = torch.as_tensor(model.segment_variances).to(**like)
+    if isinstance(prior.means, nn.Parameter):
+        prior.means.copy_(means)
+    else:
+        variances = variances + means.square()
+    prior.log_variances.copy_(torch.log(variances))
