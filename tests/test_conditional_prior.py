@@ -54,8 +54,8 @@ def linear_mle():
     X, u, _ = _segment_data()
     # From the random start: this fit (noise variance 0.99) is integrated by
     # the grid alone, which the closed form checks to 1e-5.  From the
-    # default linear start it reaches 0.104, where rows of low ESS are
-    # refined by importance sampling, off by up to 2.8e-3.
+    # default linear start it reaches 0.104, where some rows' estimates are
+    # off by up to 2.8e-3.
     mle = NonlinearICAMLE(
         prior="conditional",
         max_iter=8,
