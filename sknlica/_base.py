@@ -241,8 +241,8 @@ SHARED_PARAMETERS_DOC = """\
         the identifiability benchmark (seeds 0-4, 60 epochs), the conditional
         VAE from the linear start against three random starts screened:
         MCC 0.968 against 0.963 (m = n = 5), 0.843 against 0.734 (four
-        mixing layers), in one fit (see the user guide).  ``"vae"``: the MLE starts
-        at the decoder, noise and segment priors of a
+        mixing layers), in one fit (see the user guide).  ``"vae"``: the
+        MLE starts at the decoder, noise and segment priors of a
         :class:`NonlinearICAVAE` with the same model parameters (decoder,
         noise, prior, ``alpha``, ``max_iter`` in epochs, ``device``; its own
         optimiser defaults, and its default ``max_iter`` with

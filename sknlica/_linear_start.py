@@ -142,10 +142,10 @@ def fit_segment_linear_model(
     non-finite data); a segment of fewer rows keeps the standard prior.
     """
     n_rows, n_features = x.shape
-    counts = np.bincount(codes, minlength=n_segments)
     # A segment of a few rows has no covariance worth diagonalising; it
     # keeps the standard prior.
-    present = np.flatnonzero(counts >= SEGMENT_MIN_ROWS)
+    enough = np.bincount(codes, minlength=n_segments) >= SEGMENT_MIN_ROWS
+    present = np.flatnonzero(enough)
     if n_features < n_components or len(present) < 2 or not np.all(np.isfinite(x)):
         return None
     mean = x.mean(axis=0)
@@ -165,20 +165,19 @@ def fit_segment_linear_model(
     if signal.min() <= 0:
         return None
     whitening = eigenvectors[:, :n_components].T / np.sqrt(signal)[:, None]
+    # The noise's covariance, whitened: sigma^2 whitening whitening^T.
+    whitened_noise = noise * whitening @ whitening.T
     means = np.zeros((n_segments, n_components))
     covariances = np.zeros((n_segments, n_components, n_components))
     for segment in present:
         part = centred[codes == segment] @ whitening.T
         means[segment] = part.mean(axis=0)
         residual = part - means[segment]
-        covariances[segment] = residual.T @ residual / len(part)
-        # Less the noise, whitened: sigma^2 whitening whitening^T.
-        covariances[segment] -= noise * whitening @ whitening.T
+        covariances[segment] = residual.T @ residual / len(part) - whitened_noise
     rotation = joint_diagonalise(covariances[present])
     variances = np.einsum("ji,kjl,li->ki", rotation, covariances, rotation)
-    absent = counts < SEGMENT_MIN_ROWS
-    means[absent] = 0.0
-    variances[absent] = 1.0
+    # The other segments' means stayed zero.
+    variances[~enough] = 1.0
     loadings = eigenvectors[:, :n_components] * np.sqrt(signal) @ rotation
     model = LinearFactorModel(
         loadings,
