@@ -415,6 +415,24 @@ def test_grid_rule_geometry_and_tensor_structure():
     np.testing.assert_allclose(nodes[:, 0].numpy(), [-0.75, -0.25, 0.25, 0.75])
 
 
+@pytest.mark.parametrize(
+    ("m", "k", "half_width"), [(1, 40, 2.5), (2, 32, None), (3, 25, None)]
+)
+def test_grid_box_log_mass_is_the_prior_mass_of_the_box(m, k, half_width):
+    width = integration.default_half_width(k) if half_width is None else half_width
+    expected = m * math.log(ndtr(width) - ndtr(-width))
+    got = integration.grid_box_log_mass(m, k**m, half_width)
+    assert got == pytest.approx(expected, rel=1e-12)
+    # With it the weights are the midpoint rule's own, phi(z) h^m (no
+    # renormalisation), to the midpoint rule's O(h^2) error on the box's mass.
+    nodes, log_weights = integration.prior_rule("grid", m, k**m, half_width=half_width)
+    h = 2 * width / k
+    midpoint = (
+        -0.5 * (nodes**2).sum(1) - 0.5 * m * math.log(2 * math.pi) + m * math.log(h)
+    )
+    torch.testing.assert_close(log_weights + got, midpoint, rtol=0, atol=h**2 / 100)
+
+
 def test_sampler_grid_honours_half_width():
     sampler = integration.PriorNodeSampler(
         "grid",

@@ -162,6 +162,22 @@ def grid_rule(
     return _as_tensors(*_tensor_product(axis_nodes, axis_log_weights, n_components))
 
 
+def grid_box_log_mass(
+    n_components: int, n_nodes: int, half_width: float | None = None
+) -> float:
+    """``log P(z in [-l, l]^m)`` under ``N(0, I)`` for :func:`grid_rule`'s box.
+
+    Added to the grid's log-weights (which sum to one: the prior truncated
+    to the box), it turns the rule into a midpoint approximation of the
+    Gaussian-prior integral over the box, without the truncation's
+    renormalisation: accurate for a posterior inside the box, an
+    underestimate for one the box cuts off.
+    """
+    if half_width is None:
+        half_width = default_half_width(nodes_per_axis(n_nodes, n_components))
+    return n_components * math.log(math.erf(half_width / math.sqrt(2.0)))
+
+
 def monte_carlo_rule(
     n_components: int, n_nodes: int, *, generator: torch.Generator | None = None, **_
 ) -> Rule:

@@ -121,6 +121,9 @@ class PriorRulePass(NamedTuple):
     #: Index of each row's node of largest posterior weight, shape ``(B,)``;
     #: only with ``with_best=True``.
     best: torch.Tensor | None = None
+    #: Posterior weight of the nodes in ``edge``, shape ``(B,)``; only given
+    #: ``edge``.
+    edge_weight: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -133,11 +136,13 @@ def prior_rule_pass(
     nodes: torch.Tensor | None = None,
     with_ess: bool = False,
     with_best: bool = False,
+    edge: torch.Tensor | None = None,
     centre: torch.Tensor | None = None,
     max_elements: int = PAIRWISE_ELEMENTS,
 ) -> PriorRulePass:
-    """Per-row log-likelihood, and optionally posterior mean, ESS and best
-    node, in chunks.
+    """Per-row log-likelihood, and optionally posterior mean, ESS, best
+    node and posterior weight of the nodes in ``edge`` (a boolean mask over
+    the nodes), in chunks.
 
     ``g`` holds the decoded ``nodes``; the posterior mean needs the nodes
     themselves.  Rows are independent given the shared nodes, so the results
@@ -152,6 +157,7 @@ def prior_rule_pass(
     mean = None if nodes is None else x.new_empty((n_rows, nodes.shape[1]))
     ess = x.new_empty(n_rows) if with_ess else None
     best = x.new_empty(n_rows, dtype=torch.long) if with_best else None
+    edge_weight = None if edge is None else x.new_empty(n_rows)
     step = chunk_rows(g.shape[0], max_elements)
     for first in range(0, n_rows, step):
         rows = slice(first, first + step)
@@ -165,7 +171,7 @@ def prior_rule_pass(
         )
         if best is not None:
             best[rows] = cross.argmax(dim=1)
-        if mean is None and ess is None:
+        if mean is None and ess is None and edge_weight is None:
             continue
         # Posterior weights without the row term, which they do not depend on.
         log_posterior = cross - cross_marginal[:, None]
@@ -173,7 +179,9 @@ def prior_rule_pass(
             mean[rows] = torch.exp(log_posterior) @ nodes
         if ess is not None:
             ess[rows] = effective_sample_size(log_posterior)
-    return PriorRulePass(log_marginal, mean, ess, best)
+        if edge_weight is not None:
+            edge_weight[rows] = torch.exp(torch.logsumexp(log_posterior[:, edge], 1))
+    return PriorRulePass(log_marginal, mean, ess, best, edge_weight)
 
 
 def log_marginal_chunked(x, g, log_weights, noise_variance, **options):
