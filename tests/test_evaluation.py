@@ -316,6 +316,15 @@ def test_decoded_evaluation_rule_is_the_fixed_auto_rule():
     assert abs(torch.logsumexp(qmc.log_weights, 0).item()) < 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize(("m", "n_nodes"), [(2, 16384), (3, 16384), (3, 4096)])
+def test_the_edge_is_the_grids_whole_outer_layer(m, n_nodes, dtype):
+    decoder = torch.nn.Linear(m, 4).to(dtype)
+    rule = decoded_evaluation_rule(decoder, m, n_nodes, dtype=dtype)
+    k = round(n_nodes ** (1 / m))
+    assert int(rule.edge.sum()) == k**m - (k - 2) ** m
+
+
 # ------------------------------------------------------- multimodal posteriors
 def _folded(z):
     """``g(z) = (z_1^2, z_2)``: ``p(z | x)`` has modes at ``z_1 = +-sqrt(x_1)``."""
