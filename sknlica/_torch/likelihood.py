@@ -158,6 +158,8 @@ def prior_rule_pass(
     ess = x.new_empty(n_rows) if with_ess else None
     best = x.new_empty(n_rows, dtype=torch.long) if with_best else None
     edge_weight = None if edge is None else x.new_empty(n_rows)
+    # The mask as 0/1 weights: a row's edge weight is one product.
+    on_edge = None if edge is None else edge.to(x.dtype)
     step = chunk_rows(g.shape[0], max_elements)
     for first in range(0, n_rows, step):
         rows = slice(first, first + step)
@@ -175,12 +177,15 @@ def prior_rule_pass(
             continue
         # Posterior weights without the row term, which they do not depend on.
         log_posterior = cross - cross_marginal[:, None]
-        if mean is not None:
-            mean[rows] = torch.exp(log_posterior) @ nodes
         if ess is not None:
             ess[rows] = effective_sample_size(log_posterior)
+        if mean is None and edge_weight is None:
+            continue
+        weights = torch.exp(log_posterior)
+        if mean is not None:
+            mean[rows] = weights @ nodes
         if edge_weight is not None:
-            edge_weight[rows] = torch.exp(torch.logsumexp(log_posterior[:, edge], 1))
+            edge_weight[rows] = weights @ on_edge
     return PriorRulePass(log_marginal, mean, ess, best, edge_weight)
 
 

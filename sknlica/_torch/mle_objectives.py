@@ -207,8 +207,9 @@ class MLEObjective(Objective):
             ess_threshold=ESS_THRESHOLD,
             retry_ess=0.0,
             centre=self.centre if centre is None else centre,
-            # The mode check only flags rows for refinement.
+            # The mode and edge checks only flag rows for refinement.
             check_modes=refine,
+            check_edge=refine,
         )
         low = evaluation.ess < AUTO_SWITCH_ESS
         return {
